@@ -1,0 +1,3 @@
+from vclr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The `vclr` command line: `vclr <group> <command> ...`.
+
+Every subcommand lives in its own module, which defines `configure_parser(parser)` and
+`main(args) -> int`. Modules are imported only when their command runs, so `vclr --help` and the
+workflow's dry runs stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vclr.errors import VclrError
+
+# (group, command) -> (module, one-line help). Explicit, so that the CLI is readable in one place.
+COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("data", "download"): ("vclr.data.download", "fetch a dataset's official files, verify, unpack"),
+    ("data", "generate"): ("vclr.data.synthetic", "write a small synthetic dataset in the real formats"),
+    ("data", "extract"): ("vclr.data.extract", "decode videos into packed JPEG frame shards"),
+    ("data", "index"): ("vclr.data.index", "parse official annotations into split CSVs + summary.json"),
+    ("pipeline", "dvc"): ("vclr.pipeline", "write dvc.yaml from the experiment matrix"),
+    ("pipeline", "jobs"): ("vclr.pipeline", "list the jobs of the experiment matrix"),
+    ("bench", "extract"): ("vclr.bench.extract", "extraction frames/s against the ffmpeg command line"),
+    ("bench", "reads"): ("vclr.bench.reads", "random frame reads: packed shards against loose JPEGs"),
+    ("bench", "filecount"): ("vclr.bench.filecount", "files DVC would track for the paper's K400 layout"),
+}
+
+
+def build_parser(load_modules: bool = True, only: tuple[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vclr", description=__doc__.splitlines()[0])
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    group_parsers: dict[str, argparse._SubParsersAction] = {}
+    for (group, command), (module_name, help_text) in COMMANDS.items():
+        if group not in group_parsers:
+            group_parsers[group] = groups.add_parser(group, help=f"{group} commands").add_subparsers(
+                dest="command", metavar="COMMAND", required=True
+            )
+        sub = group_parsers[group].add_parser(command, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        if load_modules and (only is None or only == (group, command)):
+            importlib.import_module(module_name).configure_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the module of the command asked for (two leading words), unless asking for help.
+    only = tuple(argv[:2]) if len(argv) >= 2 and (argv[0], argv[1]) in COMMANDS else None
+    parser = build_parser(load_modules=only is not None, only=only)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except VclrError as error:
+        print(f"vclr {args.group} {args.command}: error: {error}", file=sys.stderr)
+        return 2

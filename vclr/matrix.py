@@ -1,0 +1,154 @@
+"""The experiment matrix: one config expanded into the list of jobs.
+
+Both executors are generated from this list: the Snakefile defines one rule per job and
+`vclr pipeline dvc` writes one DVC stage per job, each running the SAME `vclr ...` command, so
+`snakemake all_tables` and `dvc repro` build the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from vclr.data import DATASETS
+
+# Source files whose change must rerun a stage (DVC hashes them; Snakemake sees them as inputs).
+CODE = {
+    "download": ("vclr/data/download.py", "vclr/data/sources.yaml"),
+    "generate": ("vclr/data/synthetic.py",),
+    "extract": ("vclr/data/extract.py", "vclr/data/packed.py"),
+    "index": ("vclr/data/index.py", "vclr/data/annotations.py"),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One step of the pipeline: a CLI command with the files it reads and writes."""
+
+    name: str
+    stage: str
+    argv: tuple[str, ...]
+    deps: tuple[str, ...]
+    out_dirs: tuple[str, ...] = ()
+    out_files: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()  # dotted config keys the job's flags come from
+    log: str = ""
+    threads: int = 1
+    resources: dict = field(default_factory=dict)
+
+    @property
+    def shell(self) -> str:
+        return shlex.join(self.argv)
+
+    @property
+    def outs(self) -> tuple[str, ...]:
+        return self.out_dirs + self.out_files
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _data_paths(config: dict, dataset: str) -> dict[str, str]:
+    root = PurePosixPath(config["paths"]["data"])
+    return {
+        "raw": str(root / "raw" / dataset),
+        "frames": str(root / "frames" / dataset),
+        "index": str(root / "index" / dataset),
+    }
+
+
+def _log(config: dict, name: str) -> str:
+    return str(PurePosixPath(config["paths"]["logs"]) / f"{name}.log")
+
+
+def data_jobs(config: dict, dataset: str) -> list[Job]:
+    """Source (download or generate) -> extract -> index for one dataset."""
+    settings = config["datasets"][dataset]
+    paths = _data_paths(config, dataset)
+    key = f"datasets.{dataset}"
+    jobs = []
+    if settings["source"] == "synthetic":
+        argv = ["vclr", "data", "generate", "--dataset", dataset, "--out", paths["raw"],
+                "--seed", str(config["seed"])]
+        for name, value in settings["synthetic"].items():
+            argv += [_flag(name), str(value)]
+        jobs.append(Job(f"generate_{dataset}", "generate", tuple(argv), CODE["generate"],
+                        out_dirs=(paths["raw"],), params=(f"{key}.synthetic", "seed"),
+                        log=_log(config, f"generate_{dataset}")))
+    else:
+        argv = ["vclr", "data", "download", "--dataset", dataset, "--out", paths["raw"]]
+        jobs.append(Job(f"download_{dataset}", "download", tuple(argv), CODE["download"],
+                        out_dirs=(paths["raw"],), params=(f"{key}.source",),
+                        log=_log(config, f"download_{dataset}"),
+                        resources={"runtime": 24 * 60, "mem_mb": 4000}))
+
+    extract = settings["extract"]
+    argv = ["vclr", "data", "extract", "--dataset", dataset,
+            "--videos", f"{paths['raw']}/videos", "--out", paths["frames"]]
+    if extract.get("fps") is not None:
+        argv += ["--fps", str(extract["fps"])]
+    if "size" in extract:
+        argv += ["--size", "{}x{}".format(*extract["size"])]
+    else:
+        argv += ["--short-side", str(extract["short_side"])]
+    if extract.get("num_frames") is not None:
+        argv += ["--num-frames", str(extract["num_frames"])]
+    argv += ["--quality", str(extract["quality"]), "--shards", str(extract["shards"]),
+             "--workers", str(config["workers"])]
+    jobs.append(Job(f"extract_{dataset}", "extract", tuple(argv),
+                    (paths["raw"],) + CODE["extract"], out_dirs=(paths["frames"],),
+                    params=(f"{key}.extract", "workers"), log=_log(config, f"extract_{dataset}"),
+                    threads=config["workers"],
+                    resources={"runtime": 12 * 60, "mem_mb": 2000 * config["workers"]}))
+
+    argv = ["vclr", "data", "index", "--dataset", dataset,
+            "--annotations", f"{paths['raw']}/annotations", "--frames", paths["frames"],
+            "--out", paths["index"]]
+    if "split" in settings:
+        argv[-2:-2] = ["--split", str(settings["split"])]
+    jobs.append(Job(f"index_{dataset}", "index", tuple(argv),
+                    (paths["raw"], paths["frames"]) + CODE["index"], out_dirs=(paths["index"],),
+                    params=(f"{key}.split",) if "split" in settings else (),
+                    log=_log(config, f"index_{dataset}")))
+    return jobs
+
+
+def expand_jobs(config: dict) -> list[Job]:
+    """Every job of the profile, in dependency order."""
+    jobs: list[Job] = []
+    for dataset in DATASETS:
+        if dataset in config["datasets"]:
+            jobs += data_jobs(config, dataset)
+    names = [job.name for job in jobs]
+    assert len(names) == len(set(names)), f"duplicate job names in the matrix: {names}"
+    return jobs
+
+
+def final_targets(jobs: list[Job]) -> list[str]:
+    """Outputs no other job reads: what `all_tables` asks for."""
+    consumed = {dep for job in jobs for dep in job.deps}
+    return [out for job in jobs for out in job.outs if out not in consumed]
+
+
+def dvc_stages(jobs: list[Job], config_path: str, wdir: str = ".") -> dict:
+    """The `stages:` mapping of a dvc.yaml (paths relative to `wdir`, the repository root)."""
+    stages = {}
+    for job in jobs:
+        stage: dict = {"cmd": job.shell}
+        if wdir != ".":
+            stage["wdir"] = wdir
+        stage["deps"] = list(job.deps)
+        if job.params:
+            stage["params"] = [{config_path: list(job.params)}]
+        stage["outs"] = list(job.outs)
+        stages[job.name] = stage
+    return {"stages": stages}
+
+
+def relative_wdir(dvc_yaml_path: str) -> str:
+    """The repository root as seen from the folder of a dvc.yaml (for its stages' `wdir`)."""
+    folder = os.path.dirname(os.path.normpath(dvc_yaml_path)) or "."
+    return os.path.relpath(".", folder).replace(os.sep, "/")

@@ -1,0 +1,19 @@
+# One rule per job of the experiment matrix; each is a single shell call of the `vclr` CLI.
+for _job in JOBS:
+
+    rule:
+        name:
+            _job.name
+        input:
+            list(_job.deps),
+        output:
+            [directory(path) for path in _job.out_dirs] + list(_job.out_files),
+        log:
+            _job.log,
+        threads: _job.threads
+        resources:
+            **_job.resources,
+        params:
+            cmd=_job.shell,
+        shell:
+            "{params.cmd} > {log} 2>&1"
