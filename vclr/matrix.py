@@ -55,6 +55,8 @@ def _data_paths(config: dict, dataset: str) -> dict[str, str]:
     root = PurePosixPath(config["paths"]["data"])
     return {
         "raw": str(root / "raw" / dataset),
+        # archives and hand-placed files: outside raw/, which a rerun of its stage deletes
+        "downloads": str(root / "downloads" / dataset),
         "frames": str(root / "frames" / dataset),
         "index": str(root / "index" / dataset),
     }
@@ -79,7 +81,8 @@ def data_jobs(config: dict, dataset: str) -> list[Job]:
                         out_dirs=(paths["raw"],), params=(f"{key}.synthetic", "seed"),
                         log=_log(config, f"generate_{dataset}")))
     else:
-        argv = ["vclr", "data", "download", "--dataset", dataset, "--out", paths["raw"]]
+        argv = ["vclr", "data", "download", "--dataset", dataset, "--out", paths["raw"],
+                "--downloads", paths["downloads"]]
         jobs.append(Job(f"download_{dataset}", "download", tuple(argv), CODE["download"],
                         out_dirs=(paths["raw"],), params=(f"{key}.source",),
                         log=_log(config, f"download_{dataset}"),
