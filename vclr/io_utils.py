@@ -56,6 +56,12 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> N
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; it replaces `path` only when the block succeeds.
@@ -65,6 +71,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_current_umask())  # mkdtemp makes 0700; the output should read like any other
     try:
         yield tmp
         if path.exists():
