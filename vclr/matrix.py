@@ -58,6 +58,8 @@ def _data_paths(config: dict, dataset: str) -> dict[str, str]:
         # archives and hand-placed files: outside raw/, which a rerun of its stage deletes
         "downloads": str(root / "downloads" / dataset),
         "frames": str(root / "frames" / dataset),
+        # an unfinished extraction's state: outside frames/, which a rerun of its stage deletes
+        "extract_work": str(root / "work" / "extract" / dataset),
         "index": str(root / "index" / dataset),
     }
 
@@ -100,7 +102,7 @@ def data_jobs(config: dict, dataset: str) -> list[Job]:
     if extract.get("num_frames") is not None:
         argv += ["--num-frames", str(extract["num_frames"])]
     argv += ["--quality", str(extract["quality"]), "--shards", str(extract["shards"]),
-             "--workers", str(config["workers"])]
+             "--workers", str(config["workers"]), "--work", paths["extract_work"]]
     jobs.append(Job(f"extract_{dataset}", "extract", tuple(argv),
                     (paths["raw"],) + CODE["extract"], out_dirs=(paths["frames"],),
                     params=(f"{key}.extract", "workers"), log=_log(config, f"extract_{dataset}"),
