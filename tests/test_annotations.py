@@ -365,6 +365,23 @@ def test_anet_official_json(tmp_path):
     assert parse_annotations("anet", tmp_path).classes == ("Zumba", "Ballet", "Tango")
 
 
+def test_anet_classes_come_from_the_taxonomy_leaves_also_when_unused(tmp_path):
+    taxonomy = [
+        {"nodeId": 0, "nodeName": "Root", "parentId": None, "parentName": None},
+        {"nodeId": 1, "nodeName": "Dancing", "parentId": 0, "parentName": "Root"},
+        {"nodeId": 2, "nodeName": "Zumba", "parentId": 1, "parentName": "Dancing"},
+        {"nodeId": 3, "nodeName": "Ballet", "parentId": 1, "parentName": "Dancing"},
+        {"nodeId": 4, "nodeName": "Tango", "parentId": 1, "parentName": "Dancing"},
+    ]
+    document = {"version": "VERSION 1.3", "taxonomy": taxonomy, "database": ANET_DATABASE}
+    write(tmp_path / "activity_net.v1-3.min.json", json.dumps(document))
+    assert parse_annotations("anet", tmp_path).classes == ("Ballet", "Tango", "Zumba")
+    document["taxonomy"] = taxonomy[:3]  # Ballet is used but not a leaf any more
+    write(tmp_path / "activity_net.v1-3.min.json", json.dumps(document))
+    with pytest.raises(VclrError, match=r"activity_net\.v1-3\.min\.json: labels missing from the taxonomy"):
+        parse_annotations("anet", tmp_path)
+
+
 @pytest.mark.parametrize(
     "database, words",
     [

@@ -383,8 +383,9 @@ def parse_anet(annotations_dir: Path) -> Annotations:
     """
     official = annotations_dir / ANET_OFFICIAL
     bsn_json, bsn_csv = annotations_dir / "anet_anno_action.json", annotations_dir / "video_info_new.csv"
+    leaves: list[str] = []
     if official.is_file():
-        videos = _read_anet_official(official)
+        videos, leaves = _read_anet_official(official)
     elif bsn_json.is_file() and bsn_csv.is_file():
         videos = _read_anet_bsn(bsn_json, bsn_csv)
     else:
@@ -399,6 +400,11 @@ def parse_anet(annotations_dir: Path) -> Annotations:
         unknown = used - set(classes)
         if unknown:
             raise VclrError(f"{action_names}: lacks labels used in the annotations: {sorted(unknown)[:5]}")
+    elif leaves:  # the official taxonomy names every class, also one no video of a split uses
+        classes = sorted(leaves)
+        unknown = used - set(classes)
+        if unknown:
+            raise VclrError(f"{official}: labels missing from the taxonomy's leaves: {sorted(unknown)[:5]}")
     else:
         classes = sorted(used)
     index_of = {name: i for i, name in enumerate(classes)}
@@ -437,7 +443,19 @@ def _anet_segments(annotations, where: str) -> list[tuple[float, float, str]]:
     return segments
 
 
-def _read_anet_official(path: Path) -> list[tuple[str, str, float, list, str]]:
+def _taxonomy_leaves(taxonomy, path: Path) -> list[str]:
+    """Names of the taxonomy's leaf nodes (the 200 classes of v1.3); [] when there is none."""
+    if taxonomy is None:
+        return []
+    if not isinstance(taxonomy, list) or not all(
+        isinstance(node, dict) and "nodeId" in node and "nodeName" in node for node in taxonomy
+    ):
+        raise VclrError(f"{path}: key taxonomy: expected a list of {{nodeId, nodeName, parentId, ...}}")
+    parents = {node.get("parentId") for node in taxonomy}
+    return [node["nodeName"] for node in taxonomy if node["nodeId"] not in parents]
+
+
+def _read_anet_official(path: Path) -> tuple[list[tuple[str, str, float, list, str]], list[str]]:
     data = _load_json(path)
     database = data.get("database") if isinstance(data, dict) else None
     if not isinstance(database, dict) or not database:
@@ -455,7 +473,7 @@ def _read_anet_official(path: Path) -> list[tuple[str, str, float, list, str]]:
             raise VclrError(f"{where}: 'duration' must be a number")
         segments = _anet_segments(info.get("annotations", []), where)
         videos.append((f"v_{youtube_id}", ANET_SUBSETS[subset], float(duration), segments, where))
-    return videos
+    return videos, _taxonomy_leaves(data.get("taxonomy"), path)
 
 
 def _read_anet_bsn(json_path: Path, csv_path: Path) -> list[tuple[str, str, float, list, str]]:

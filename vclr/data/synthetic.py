@@ -48,8 +48,12 @@ VIDEO_FORMATS = {
 CONTAINER_FORMATS = {"avi": "avi", "mp4": "mp4", "webm": "webm"}
 ENCODER_OPTIONS = {
     "mpeg4": {"b": "1000000"},
-    "libx264": {"preset": "veryfast", "crf": "20"},
-    "libvpx-vp9": {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b": "0"},
+    # cpu-independent: x264 otherwise picks algorithms by the CPU's features, and on a machine
+    # whose cores differ two runs of the same seed gave different bytes (measured here)
+    "libx264": {"preset": "veryfast", "crf": "20", "x264-params": "cpu-independent=1"},
+    # "good", not "realtime": realtime mode adapts its speed to the wall clock, so its output
+    # depends on machine load and the same seed would not give the same video
+    "libvpx-vp9": {"deadline": "good", "cpu-used": "5", "crf": "30", "b": "0"},
 }
 
 DEFAULT_SIZES = {
@@ -376,12 +380,36 @@ def render_frames(
 # ----------------------------------------------------------------------------- video files
 
 
+def _rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range YUV 4:2:0 in NumPy, packed as PyAV's yuv420p array [H*3/2, W].
+
+    Done here rather than by swscale inside the encoder, whose SIMD code (chosen by CPU features)
+    rounds differently: the planes are then a pure function of the pixels on every machine.
+    """
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    cb = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    cr = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    height, width = y.shape
+
+    def subsample(plane: np.ndarray) -> np.ndarray:
+        return plane.reshape(height // 2, 2, width // 2, 2).mean(axis=(1, 3))
+
+    def to_u8(plane: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(plane), 0, 255).astype(np.uint8)
+
+    chroma = np.concatenate([to_u8(subsample(cb)).reshape(-1), to_u8(subsample(cr)).reshape(-1)])
+    return np.concatenate([to_u8(y), chroma.reshape(height // 2, width)], axis=0)
+
+
 def write_video(path: Path, frames: np.ndarray, dataset: str, fps: float) -> None:
     """Encode frames [T,H,W,3] with the dataset's real container and codec."""
     video_format = VIDEO_FORMATS[dataset]
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written in place: the caller writes inside atomic_directory's temporary tree.
-    with av.open(str(path), "w", format=CONTAINER_FORMATS[video_format["ext"]]) as container:
+    # bitexact: no random segment UID or muxing date (Matroska/WebM), so a seed fixes every byte
+    with av.open(str(path), "w", format=CONTAINER_FORMATS[video_format["ext"]],
+                 options={"fflags": "+bitexact"}) as container:
         codec = video_format["codec"]
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001), options=dict(ENCODER_OPTIONS[codec]))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -389,8 +417,12 @@ def write_video(path: Path, frames: np.ndarray, dataset: str, fps: float) -> Non
         stream.codec_context.thread_count = 1  # single-threaded encoders give reproducible bytes
         if video_format["codec_tag"]:
             stream.codec_context.codec_tag = video_format["codec_tag"]
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+        stream.codec_context.time_base = Fraction(1) / stream.codec_context.framerate
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(array), format="yuv420p")
+            frame.pts = index
+            frame.time_base = stream.codec_context.time_base
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
