@@ -1,0 +1,281 @@
+"""VCLR pretraining loop (one process), resumable at the exact step.
+
+Every source of randomness is either a pure function of (seed, epoch, index) — the epoch's video
+order and each sample (vclr.data.pretrain_dataset) — or an RNG state saved in the checkpoint (the
+global torch RNG used by shuffle-BN, the DataLoader's worker-seed generator). So a run stopped after
+k steps and resumed reaches step N with the same per-step losses as an uninterrupted run (in
+deterministic mode on the same machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vclr.data.packed import PackedFrames
+from vclr.data.pretrain_dataset import PretrainDataset, epoch_order, found_rows
+from vclr.errors import VclrError
+from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
+from vclr.models.backbones import BACKBONES, build_backbone, load_moco_v2
+from vclr.models.vclr import Vclr, VclrModel
+from vclr.train.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from vclr.train.losses import LOSS_TERMS, vclr_loss
+from vclr.train.schedule import lr_at, scaled_lr
+
+DEFAULT_SETTINGS = {
+    "backbone": "resnet50", "epochs": 400, "batch_size": 32, "lr": 0.1, "warmup_epochs": 5.0,
+    "eta_min": 1e-6, "momentum": 0.9, "weight_decay": 1e-4, "alpha": 0.999, "queue_size": 131072,
+    "crop": 224, "segments": 3, "temperature": 0.1, "losses": list(LOSS_TERMS), "seed": 0, "workers": 4,
+    "checkpoint_every": 10, "init": "random", "bf16": False, "channels_last": False, "compile": False,
+    "deterministic": False, "max_steps": None, "device": "auto",
+}
+# Settings that may change between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = {"workers", "checkpoint_every", "max_steps", "compile", "epochs"}
+CHECKPOINT_NAME = "checkpoint_last.pt"
+
+
+def resolve_settings(settings: dict) -> dict:
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise VclrError(f"unknown pretraining settings: {', '.join(unknown)}")
+    resolved = {**DEFAULT_SETTINGS, **settings}
+    resolved["losses"] = list(resolved["losses"])
+    bad = [term for term in resolved["losses"] if term not in LOSS_TERMS]
+    if bad or not resolved["losses"]:
+        raise VclrError(f"losses: unknown or empty {bad or resolved['losses']} (known: {', '.join(LOSS_TERMS)})")
+    if resolved["backbone"] not in BACKBONES:
+        raise VclrError(f"backbone: {resolved['backbone']!r} not one of {', '.join(BACKBONES)}")
+    for key in ("epochs", "batch_size", "queue_size", "crop", "checkpoint_every"):
+        if int(resolved[key]) <= 0:
+            raise VclrError(f"{key} must be positive, got {resolved[key]}")
+    if resolved["queue_size"] % resolved["batch_size"]:
+        raise VclrError(f"queue_size {resolved['queue_size']} is not a multiple of the global batch "
+                        f"{resolved['batch_size']} (the FIFO queue is filled one batch of keys at a time)")
+    init = resolved["init"]
+    if init != "random" and not init.startswith("moco_v2:"):
+        raise VclrError(f"init: expected 'random' or 'moco_v2:PATH', got {init!r}")
+    return resolved
+
+
+def build_vclr(settings: dict, generator: torch.Generator) -> Vclr:
+    """Model from settings; the momentum encoder is built after the optional MoCo v2 import."""
+    backbone, feature_dim = build_backbone(settings["backbone"])
+    model = VclrModel(backbone, feature_dim, num_segments=settings["segments"])
+    if settings["init"].startswith("moco_v2:"):
+        load_moco_v2(settings["init"].split(":", 1)[1], model)
+    return Vclr(model, queue_size=settings["queue_size"], generator=generator)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VclrError("device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Keep the log lines of steps the checkpoint holds (a killed run may have logged a few more)."""
+    if not log_path.exists():
+        return
+    lines = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write_text(log_path, "".join(line + "\n" for line in lines))
+
+
+def pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, resume: bool = True) -> dict:
+    """Pretrain VCLR on the found videos of `index_csv`; outputs in `out_dir` (see module docstring).
+
+    Returns the summary (also written to OUT/summary.json when training completes). With
+    settings["max_steps"] the run stops after that many global steps, as if killed, after saving
+    a mid-epoch checkpoint; `completed` is then False and no backbone.pt/summary.json is written.
+    A fresh run seeds the global python/numpy/torch RNGs from settings["seed"] once (model init).
+    """
+    settings = resolve_settings(settings)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        return _pretrain(settings, index_csv, frames_dir, out_dir, resume)
+    finally:  # the switches are process-global: leave them as the caller had them
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.PathLike,
+              out_dir: str | os.PathLike, resume: bool) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
+    device = _device(settings["device"])
+    if settings["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+
+    dataset = PretrainDataset(found_rows(index_csv), PackedFrames(frames_dir), crop_size=settings["crop"],
+                              num_segments=settings["segments"], seed=settings["seed"])
+    batch_size = settings["batch_size"]
+    iters_per_epoch = len(dataset) // batch_size
+    if iters_per_epoch == 0:
+        raise VclrError(f"{index_csv}: {len(dataset)} found videos, fewer than one batch of {batch_size}")
+    epochs = settings["epochs"]
+    peak_lr = scaled_lr(settings["lr"], batch_size)
+
+    # Fresh-run seeding, once (model init, queues); a resumed run restores every state instead.
+    random.seed(settings["seed"])
+    np.random.seed(settings["seed"] % 2**32)
+    torch.manual_seed(settings["seed"])
+    loader_generator = torch.Generator()  # the DataLoader's worker base seeds
+    loader_generator.manual_seed(settings["seed"])
+    vclr = build_vclr(settings, torch.Generator().manual_seed(settings["seed"]))
+    if settings["channels_last"]:
+        vclr = vclr.to(memory_format=torch.channels_last)
+    vclr = vclr.to(device)
+    optimizer = torch.optim.SGD(vclr.model.parameters(), lr=peak_lr, momentum=settings["momentum"],
+                                weight_decay=settings["weight_decay"])
+    generators = {"loader": loader_generator}
+    config = dict(settings)
+
+    epoch, iteration, step = 0, 0, 0
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        changed = sorted(key for key in config if key not in RESUMABLE_CHANGES
+                         and state["config"].get(key) != config[key])
+        if changed:
+            raise VclrError(f"{checkpoint_path}: saved with other settings ({', '.join(changed)}); "
+                            f"use another output directory or resume with the same settings")
+        restore_checkpoint(checkpoint_path, state, vclr=vclr, optimizer=optimizer, generators=generators)
+        epoch, iteration, step = state["epoch"], state["iteration"], state["step"]
+        _truncate_log(log_path, step)
+    elif log_path.exists():
+        log_path.unlink()
+    if settings["compile"]:
+        vclr.model.backbone.compile()
+        vclr.momentum.encoder.backbone.compile()
+
+    weights = {term: 1.0 for term in settings["losses"]}
+    vclr.train()
+    first_loss = last_loss = None
+    started, steps_this_run = time.perf_counter(), 0
+    stopped = False
+    while epoch < epochs and not stopped:
+        dataset.set_epoch(epoch)
+        order = epoch_order(len(dataset), seed=settings["seed"], epoch=epoch)
+        # Skip the batches a resumed run already consumed; drop_last keeps every batch full.
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order[iteration * batch_size:],
+                            drop_last=True, num_workers=settings["workers"], generator=loader_generator,
+                            pin_memory=device.type == "cuda")
+        progress = tqdm(loader, total=iters_per_epoch, initial=iteration, desc=f"epoch {epoch}",
+                        leave=False, disable=None)
+        tick = time.perf_counter()
+        for batch in progress:
+            lr = lr_at(epoch * iters_per_epoch + iteration, iters_per_epoch, epochs, peak_lr,
+                       settings["warmup_epochs"], settings["eta_min"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
+                outputs = vclr(batch)
+            try:
+                total, terms = vclr_loss(outputs, weights, settings["temperature"])
+            except VclrError as error:
+                raise VclrError(f"step {step + 1} (epoch {epoch}, iteration {iteration}): {error}; "
+                                f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}"
+                                ) from None
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            vclr.momentum_update(settings["alpha"])
+            vclr.enqueue(outputs)
+            step, iteration = step + 1, iteration + 1
+            steps_this_run += 1
+            now = time.perf_counter()
+            record = {"step": step, "epoch": epoch, "iteration": iteration, "lr": lr,
+                      **{term: value.item() for term, value in terms.items()}, "total": total.item(),
+                      "videos_per_s": batch_size / max(now - tick, 1e-9)}
+            tick = now
+            first_loss = record["total"] if first_loss is None else first_loss
+            last_loss = record["total"]
+            with open(log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lr:.2e}")
+            if settings["max_steps"] is not None and step >= settings["max_steps"]:
+                stopped = True
+                break
+        progress.close()
+        if iteration >= iters_per_epoch:
+            epoch, iteration = epoch + 1, 0
+        if stopped or epoch % settings["checkpoint_every"] == 0 or epoch == epochs:
+            save_checkpoint(checkpoint_path, vclr=vclr, optimizer=optimizer, epoch=epoch, iteration=iteration,
+                            step=step, config=config, generators=generators)
+
+    completed = epoch >= epochs
+    elapsed = time.perf_counter() - started
+    summary = {
+        "completed": completed, "steps": step, "epochs": epoch, "iterations_per_epoch": iters_per_epoch,
+        "videos": len(dataset), "first_loss_this_run": first_loss, "last_loss": last_loss,
+        "videos_per_s": steps_this_run * batch_size / elapsed if steps_this_run else None,
+        "settings": config,
+    }
+    if completed:
+        backbone_state = {key: value.cpu() for key, value in vclr.model.backbone.state_dict().items()}
+        with atomic_open(out_dir / "backbone.pt", "wb") as handle:
+            torch.save(backbone_state, handle)
+        atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, type=Path, help="split CSV (vclr data index), e.g. INDEX/train.csv")
+    parser.add_argument("--frames", required=True, type=Path, help="packed-frames directory")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (checkpoint, log, backbone)")
+    parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
+    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch")
+    parser.add_argument("--lr", type=float, default=0.1, help="lr for a batch of 256 (scaled linearly)")
+    parser.add_argument("--warmup-epochs", type=float, default=5.0)
+    parser.add_argument("--queue-size", type=int, default=131072)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--segments", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--losses", default=",".join(LOSS_TERMS), help="comma-separated subset of "
+                        + ",".join(LOSS_TERMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="epochs between checkpoints")
+    parser.add_argument("--init", default="random", help="random | moco_v2:PATH")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop after this many global steps, saving a checkpoint (as if killed)")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint_last.pt")
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = {
+        "backbone": args.backbone, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "warmup_epochs": args.warmup_epochs, "queue_size": args.queue_size, "crop": args.crop,
+        "segments": args.segments, "temperature": args.temperature,
+        "losses": [term.strip() for term in args.losses.split(",") if term.strip()], "seed": args.seed,
+        "workers": args.workers, "checkpoint_every": args.checkpoint_every, "init": args.init,
+        "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
+        "deterministic": args.deterministic, "max_steps": args.max_steps, "device": args.device,
+    }
+    summary = pretrain(settings, args.index, args.frames, args.out, resume=not args.no_resume)
+    state = "completed" if summary["completed"] else "stopped (resumable)"
+    print(f"{state}: {summary['steps']} steps, last loss {summary['last_loss']}, {args.out}")
+    return 0
