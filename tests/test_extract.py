@@ -446,3 +446,17 @@ def test_worker_pool_gives_the_same_result_as_one_process(tmp_path):
     assert extract(tmp_path / "videos", tmp_path / "two", *common, "--workers", "2") == 0
     assert read_manifest(tmp_path / "one") == read_manifest(tmp_path / "two")
     assert shard_contents(tmp_path / "one") == shard_contents(tmp_path / "two")
+
+
+def test_class_folders_with_spaces_parentheses_and_apostrophes(tmp_path):
+    """Kinetics' older per-class layout: folder names such as these reach every path step."""
+    videos = tmp_path / "videos"
+    names = ["passing American football (not in game)", "massaging person's head"]
+    for i, label in enumerate(names):
+        make_video(videos / "train" / label / f"yid{i:08d}_000010_000020.mp4", 3)
+    out = tmp_path / "frames with space's (here)"
+    assert extract(videos, out, "--short-side", "24", "--shards", "2") == 0
+    manifest = read_manifest(out)
+    assert sorted(manifest["videos"]) == ["yid00000000_000010_000020", "yid00000001_000010_000020"]
+    assert manifest["failed"] == {}
+    assert PackedFrames(out).num_frames("yid00000001_000010_000020") == 3

@@ -20,7 +20,20 @@ CODE = {
     "generate": ("vclr/data/synthetic.py",),
     "extract": ("vclr/data/extract.py", "vclr/data/packed.py"),
     "index": ("vclr/data/index.py", "vclr/data/annotations.py"),
+    "pretrain": (
+        "vclr/train/pretrain.py", "vclr/train/losses.py", "vclr/train/schedule.py",
+        "vclr/train/checkpoint.py", "vclr/models/vclr.py", "vclr/models/backbones.py",
+        "vclr/data/pretrain_dataset.py", "vclr/data/sampling.py", "vclr/data/augment.py",
+    ),
 }
+
+# Pretraining settings passed as `vclr train pretrain` flags (the rest of a run's entry says what
+# data it reads and how it is launched).
+PRETRAIN_FLAGS = (
+    "backbone", "epochs", "batch_size", "lr", "warmup_epochs", "queue_size", "crop", "segments",
+    "temperature", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
+    "compile", "deterministic",
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,9 @@ class Job:
     deps: tuple[str, ...]
     out_dirs: tuple[str, ...] = ()
     out_files: tuple[str, ...] = ()
+    # Outputs a rerun must NOT delete (a resumable checkpoint, its log): DVC keeps them with
+    # `persist: true`; Snakemake, which deletes every declared output first, is not told of them.
+    persist_files: tuple[str, ...] = ()
     params: tuple[str, ...] = ()  # dotted config keys the job's flags come from
     log: str = ""
     threads: int = 1
@@ -121,12 +137,54 @@ def data_jobs(config: dict, dataset: str) -> list[Job]:
     return jobs
 
 
+def _launcher(processes: int) -> list[str]:
+    if processes <= 1:
+        return ["vclr"]
+    return ["torchrun", "--standalone", f"--nproc_per_node={processes}", "-m", "vclr"]
+
+
+def pretrain_jobs(config: dict) -> list[Job]:
+    """One `vclr train pretrain` job per configured run (runs override the defaults)."""
+    section = config.get("pretrain")
+    if not section:
+        return []
+    jobs = []
+    for run, overrides in section["runs"].items():
+        settings = {**section["defaults"], **overrides}
+        paths = _data_paths(config, settings["dataset"])
+        out = str(PurePosixPath(config["paths"]["results"]) / "checkpoints" / run)
+        processes = settings.get("nproc_per_node", 1)
+        argv = _launcher(processes) + [
+            "train", "pretrain", "--index", f"{paths['index']}/{settings.get('split', 'train')}.csv",
+            "--frames", paths["frames"], "--out", out, "--seed", str(config["seed"]),
+        ]
+        for name in PRETRAIN_FLAGS:
+            value = settings.get(name)
+            if isinstance(value, bool):
+                argv += [_flag(name)] if value else []
+            elif isinstance(value, list):
+                argv += [_flag(name), ",".join(value)]
+            elif value is not None:
+                argv += [_flag(name), str(value)]
+        jobs.append(Job(
+            f"pretrain_{run}", "pretrain", tuple(argv),
+            (paths["index"], paths["frames"]) + CODE["pretrain"],
+            out_files=(f"{out}/backbone.pt", f"{out}/summary.json"),
+            persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
+            params=("pretrain.defaults", f"pretrain.runs.{run}", "seed"),
+            log=_log(config, f"pretrain_{run}"), threads=max(1, settings.get("workers", 0)),
+            resources={"gpus": processes, "runtime": 72 * 60, "mem_mb": 64000} if processes > 1 else {},
+        ))
+    return jobs
+
+
 def expand_jobs(config: dict) -> list[Job]:
     """Every job of the profile, in dependency order."""
     jobs: list[Job] = []
     for dataset in DATASETS:
         if dataset in config["datasets"]:
             jobs += data_jobs(config, dataset)
+    jobs += pretrain_jobs(config)
     names = [job.name for job in jobs]
     assert len(names) == len(set(names)), f"duplicate job names in the matrix: {names}"
     return jobs
@@ -148,7 +206,7 @@ def dvc_stages(jobs: list[Job], config_path: str, wdir: str = ".") -> dict:
         stage["deps"] = list(job.deps)
         if job.params:
             stage["params"] = [{config_path: list(job.params)}]
-        stage["outs"] = list(job.outs)
+        stage["outs"] = list(job.outs) + [{path: {"persist": True}} for path in job.persist_files]
         stages[job.name] = stage
     return {"stages": stages}
 
