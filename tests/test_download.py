@@ -80,7 +80,7 @@ def pin_ucf(document: dict, files: dict[str, bytes], splits_sha256: str | None =
 
 def test_packaged_sources_cover_all_five_datasets_with_urls_or_manual_blocks():
     sources = download.load_sources(download.DEFAULT_SOURCES)
-    assert set(sources) == {"k400", "ucf101", "hmdb51", "ssv2", "anet"}
+    assert set(sources) == {"k400", "ucf101", "hmdb51", "ssv2", "anet", "moco_v2"}
     for dataset, spec in sources.items():
         for entry in spec.files:
             assert entry.urls and all(url.startswith("http") for url in entry.urls), (dataset, entry.name)
@@ -93,6 +93,23 @@ def test_packaged_sources_cover_all_five_datasets_with_urls_or_manual_blocks():
     parts = sources["ssv2"].manual.files[1].parts
     assert [p.name for p in parts] == [f"20bn-something-something-v2-{i:02d}" for i in range(20)]
     assert sources["anet"].manual.videos.ids_from == "activity_net.v1-3.min.json"
+
+
+def test_moco_weights_are_checked_against_the_published_md5_prefix(tmp_path):
+    weights = b"not really a checkpoint, but the bytes are what is checked"
+    path = "/moco/moco_checkpoints/moco_v2_200ep/moco_v2_200ep_pretrain.pth.tar"
+    prefix = hashlib.md5(weights).hexdigest()[:8]
+    out, downloads = tmp_path / "weights", tmp_path / "downloads"
+    with serve_files({path: weights}) as server:
+        mirror = {"https://dl.fbaipublicfiles.com/": server.url + "/"}
+        good = sources_copy(tmp_path, lambda d: d["datasets"]["moco_v2"]["files"][0].update(md5=prefix))
+        download.download_dataset("moco_v2", out, good, mirror, downloads_dir=downloads)
+        assert (out / "weights/moco_v2_200ep_pretrain.pth.tar").read_bytes() == weights
+        wrong = "0" * 8 if prefix != "0" * 8 else "1" * 8
+        bad = sources_copy(tmp_path, lambda d: d["datasets"]["moco_v2"]["files"][0].update(md5=wrong))
+        with pytest.raises(VclrError, match=rf"md5 mismatch: expected {wrong}"):
+            download.download_dataset("moco_v2", tmp_path / "again", bad, mirror,
+                                      downloads_dir=tmp_path / "downloads2")
 
 
 def test_sources_errors_name_the_file_and_key(tmp_path):

@@ -143,14 +143,34 @@ def _launcher(processes: int) -> list[str]:
     return ["torchrun", "--standalone", f"--nproc_per_node={processes}", "-m", "vclr"]
 
 
+MOCO_V2_FILE = "moco_v2_200ep_pretrain.pth.tar"
+
+
+def moco_v2_job(config: dict) -> Job:
+    """The paper's initialisation, fetched and verified like a dataset (vclr/data/sources.yaml)."""
+    root = PurePosixPath(config["paths"]["data"])
+    out, downloads = str(root / "weights" / "moco_v2"), str(root / "downloads" / "moco_v2")
+    argv = ("vclr", "data", "download", "--dataset", "moco_v2", "--out", out, "--downloads", downloads)
+    return Job("download_moco_v2", "download", argv, CODE["download"], out_dirs=(out,),
+               log=_log(config, "download_moco_v2"))
+
+
 def pretrain_jobs(config: dict) -> list[Job]:
-    """One `vclr train pretrain` job per configured run (runs override the defaults)."""
+    """One `vclr train pretrain` job per configured run (runs override the defaults), plus the
+    download of the MoCo v2 weights when a run starts from them (`init: moco_v2`)."""
     section = config.get("pretrain")
     if not section:
         return []
+    moco = moco_v2_job(config)
     jobs = []
     for run, overrides in section["runs"].items():
         settings = {**section["defaults"], **overrides}
+        init_deps: tuple[str, ...] = ()
+        if settings.get("init") == "moco_v2":
+            if moco not in jobs:
+                jobs.insert(0, moco)
+            init_deps = moco.out_dirs
+            settings["init"] = f"moco_v2:{moco.out_dirs[0]}/weights/{MOCO_V2_FILE}"
         paths = _data_paths(config, settings["dataset"])
         out = str(PurePosixPath(config["paths"]["results"]) / "checkpoints" / run)
         processes = settings.get("nproc_per_node", 1)
@@ -168,7 +188,7 @@ def pretrain_jobs(config: dict) -> list[Job]:
                 argv += [_flag(name), str(value)]
         jobs.append(Job(
             f"pretrain_{run}", "pretrain", tuple(argv),
-            (paths["index"], paths["frames"]) + CODE["pretrain"],
+            (paths["index"], paths["frames"]) + init_deps + CODE["pretrain"],
             out_files=(f"{out}/backbone.pt", f"{out}/summary.json"),
             persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
             params=("pretrain.defaults", f"pretrain.runs.{run}", "seed"),

@@ -43,7 +43,7 @@ from vclr.io_utils import atomic_write_json, atomic_write_text
 
 DEFAULT_SOURCES = Path(__file__).with_name("sources.yaml")
 SOURCES_FORMAT = "vclr-sources/1"
-PARTS = ("annotations", "videos")
+PARTS = ("annotations", "videos", "weights")
 ARCHIVE_TYPES = ("zip", "rar", "tar.gz", "tar", "none")
 CHECKSUM_ALGORITHMS = ("sha256", "md5")
 CHECKSUMS_FILE = "CHECKSUMS.sha256"
@@ -147,9 +147,10 @@ def _checksums(entry: dict, where: str) -> tuple[tuple[str, str], ...]:
         value = entry.get(algorithm)
         if value is None:
             continue
-        length = {"sha256": 64, "md5": 32}[algorithm]
-        if not isinstance(value, str) or not re.fullmatch(f"[0-9a-fA-F]{{{length}}}", value):
-            raise VclrError(f"{where}.{algorithm}: {value!r} is not a {length}-digit hex digest")
+        # md5 may be a published PREFIX (MoCo's model zoo prints 8 digits); sha256 is always whole
+        lengths = {"sha256": "64", "md5": "8,32"}[algorithm]
+        if not isinstance(value, str) or not re.fullmatch(f"[0-9a-fA-F]{{{lengths}}}", value):
+            raise VclrError(f"{where}.{algorithm}: {value!r} is not a hex digest ({lengths} digits)")
         found.append((algorithm, value.lower()))
     return tuple(found)
 
@@ -399,7 +400,7 @@ def verify_file(path: Path, entry: SourceFile, ledger: Ledger) -> str:
     if entry.size is not None and stat.st_size != entry.size:
         _reject(path, entry, "size", f"{entry.size} bytes", f"{stat.st_size} bytes", ledger)
     for algorithm, expected in entry.checksums:
-        if digests[algorithm] != expected:
+        if not digests[algorithm].startswith(expected):
             _reject(path, entry, algorithm, expected, digests[algorithm], ledger)
     if not entry.checksums:
         recorded = ledger.recorded.get(rel)
