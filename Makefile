@@ -12,7 +12,7 @@ install:
 
 # The main job of the active profile (tiny by default): data -> ... -> paper_tables/.
 all_tables: install
-	$(PYTHON) -m snakemake --cores $(CORES) --configfile $(PROFILE) all_tables
+	$(PYTHON) -m snakemake all_tables --cores $(CORES) --configfile $(PROFILE)
 
 test: install
 	$(PYTHON) -m pytest -q

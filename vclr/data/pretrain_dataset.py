@@ -86,3 +86,19 @@ def epoch_order(num_videos: int, *, seed: int, epoch: int, rank: int = 0) -> lis
     """
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, rank, 0, 1])))
     return [int(i) for i in rng.permutation(num_videos)]
+
+
+def rank_indices(order: list[int], *, batch_size: int, world_size: int, rank: int,
+                 start_iteration: int = 0) -> list[int]:
+    """The videos process `rank` loads, in order, from global batch `start_iteration` on.
+
+    Global batch i is order[i*B:(i+1)*B] (B = batch_size, the global batch; the incomplete last
+    batch is dropped); rank r loads its contiguous share order[i*B + r*b : i*B + (r+1)*b],
+    b = B / world_size. So the per-rank batches gathered in rank order are the one-process batch
+    (keys reach the queues in the same order whatever the number of processes).
+    """
+    if batch_size % world_size:
+        raise VclrError(f"global batch {batch_size} is not divisible by the {world_size} processes")
+    share = batch_size // world_size
+    return [order[i * batch_size + rank * share + j]
+            for i in range(start_iteration, len(order) // batch_size) for j in range(share)]

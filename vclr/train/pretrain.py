@@ -1,15 +1,25 @@
-"""VCLR pretraining loop (one process), resumable at the exact step.
+"""VCLR pretraining loop (one process or torchrun + DDP), resumable at the exact step.
 
 Every source of randomness is either a pure function of (seed, epoch, index) — the epoch's video
 order and each sample (vclr.data.pretrain_dataset) — or an RNG state saved in the checkpoint (the
-global torch RNG used by shuffle-BN, the DataLoader's worker-seed generator). So a run stopped after
+shuffle-BN permutation generator, the DataLoader's worker-seed generator, the global RNGs). So a run stopped after
 k steps and resumed reaches step N with the same per-step losses as an uninterrupted run (in
 deterministic mode on the same machine).
+
+Under torchrun (vclr.train.distributed) the model is wrapped in DistributedDataParallel; the batch
+size stays the GLOBAL batch, each process loading its contiguous share of every global batch
+(pretrain_dataset.rank_indices) and drawing each video's sample exactly as one process would (the
+sample depends on the video index, not on the process). Keys are gathered before they are enqueued
+and the momentum update follows identical averaged gradients, so the queues and the momentum
+encoder are identical on every process. Shuffle-BN permutes across processes. Only rank 0 writes
+(log, checkpoints, backbone, summary); the others wait at a barrier. Resuming, every process reads
+rank 0's checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -22,12 +32,28 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vclr.data.packed import PackedFrames
-from vclr.data.pretrain_dataset import PretrainDataset, epoch_order, found_rows
+from vclr.data.pretrain_dataset import (
+    PretrainDataset,
+    epoch_order,
+    found_rows,
+    rank_indices,
+)
 from vclr.errors import VclrError
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
 from vclr.models.backbones import BACKBONES, build_backbone, load_moco_v2
 from vclr.models.vclr import Vclr, VclrModel
 from vclr.train.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from vclr.train.distributed import (
+    barrier,
+    distributed_env,
+    gather_keys,
+    init_distributed,
+    mean_across_ranks,
+    rank,
+    shuffle_across_ranks,
+    unshuffle_across_ranks,
+    world_size,
+)
 from vclr.train.losses import LOSS_TERMS, vclr_loss
 from vclr.train.schedule import lr_at, scaled_lr
 
@@ -75,12 +101,12 @@ def build_vclr(settings: dict, generator: torch.Generator) -> Vclr:
     return Vclr(model, queue_size=settings["queue_size"], generator=generator)
 
 
-def _device(name: str) -> torch.device:
+def _device_type(name: str) -> str:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise VclrError("device cuda requested but no CUDA device is available")
-    return torch.device(name)
+    return name
 
 
 def _truncate_log(log_path: Path, last_step: int) -> None:
@@ -100,22 +126,32 @@ def pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.
     settings["max_steps"] the run stops after that many global steps, as if killed, after saving
     a mid-epoch checkpoint; `completed` is then False and no backbone.pt/summary.json is written.
     A fresh run seeds the global python/numpy/torch RNGs from settings["seed"] once (model init).
+    Under torchrun (WORLD_SIZE > 1) it joins the process group (left again on return).
     """
     settings = resolve_settings(settings)
+    processes = distributed_env()[1]
+    if settings["batch_size"] % processes:
+        raise VclrError(f"batch_size {settings['batch_size']} (the global batch) is not divisible by the "
+                        f"{processes} processes")
     previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    created_group = init_distributed(_device_type(settings["device"]) == "cuda")
     try:
         return _pretrain(settings, index_csv, frames_dir, out_dir, resume)
     finally:  # the switches are process-global: leave them as the caller had them
         torch.use_deterministic_algorithms(previous[0])
         torch.backends.cudnn.benchmark = previous[1]
+        if created_group:
+            torch.distributed.destroy_process_group()
 
 
 def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.PathLike,
               out_dir: str | os.PathLike, resume: bool) -> dict:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
-    device = _device(settings["device"])
+    is_writer, processes = rank() == 0, world_size()
+    device = torch.device(_device_type(settings["device"]))
+    if device.type == "cuda" and processes > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK (init_distributed)
     if settings["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -125,10 +161,12 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
 
     dataset = PretrainDataset(found_rows(index_csv), PackedFrames(frames_dir), crop_size=settings["crop"],
                               num_segments=settings["segments"], seed=settings["seed"])
-    batch_size = settings["batch_size"]
+    batch_size = settings["batch_size"]  # global; each process loads batch_size / processes
     iters_per_epoch = len(dataset) // batch_size
     if iters_per_epoch == 0:
         raise VclrError(f"{index_csv}: {len(dataset)} found videos, fewer than one batch of {batch_size}")
+    if is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     epochs = settings["epochs"]
     peak_lr = scaled_lr(settings["lr"], batch_size)
 
@@ -144,7 +182,9 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     vclr = vclr.to(device)
     optimizer = torch.optim.SGD(vclr.model.parameters(), lr=peak_lr, momentum=settings["momentum"],
                                 weight_decay=settings["weight_decay"])
-    generators = {"loader": loader_generator}
+    # Shuffle-BN permutations (drawn on rank 0): a generator of their own, saved in the checkpoint.
+    shuffle_generator = torch.Generator().manual_seed(settings["seed"])
+    generators = {"loader": loader_generator, "shuffle": shuffle_generator}
     config = dict(settings)
 
     epoch, iteration, step = 0, 0, 0
@@ -157,12 +197,24 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
                             f"use another output directory or resume with the same settings")
         restore_checkpoint(checkpoint_path, state, vclr=vclr, optimizer=optimizer, generators=generators)
         epoch, iteration, step = state["epoch"], state["iteration"], state["step"]
-        _truncate_log(log_path, step)
-    elif log_path.exists():
+        if is_writer:
+            _truncate_log(log_path, step)
+    elif log_path.exists() and is_writer:
         log_path.unlink()
+    barrier()  # every process decided fresh/resume before rank 0 writes anything new
     if settings["compile"]:
         vclr.model.backbone.compile()
         vclr.momentum.encoder.backbone.compile()
+    forward, gather = vclr, None
+    if processes > 1:
+        # Buffers (queues, BN statistics) are synchronised from rank 0 once, at wrapping, and not
+        # at every forward (the paper's "no buffer broadcast"): the queues stay equal because the
+        # keys are gathered. A switched-off loss term leaves its head without gradient.
+        forward = torch.nn.parallel.DistributedDataParallel(
+            vclr, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+            find_unused_parameters=set(settings["losses"]) != set(LOSS_TERMS))
+        gather = gather_keys
+    shuffle = functools.partial(shuffle_across_ranks, generator=shuffle_generator)
 
     weights = {term: 1.0 for term in settings["losses"]}
     vclr.train()
@@ -172,12 +224,14 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     while epoch < epochs and not stopped:
         dataset.set_epoch(epoch)
         order = epoch_order(len(dataset), seed=settings["seed"], epoch=epoch)
-        # Skip the batches a resumed run already consumed; drop_last keeps every batch full.
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order[iteration * batch_size:],
-                            drop_last=True, num_workers=settings["workers"], generator=loader_generator,
+        # This process's share of the global batches a resumed run has not consumed yet.
+        indices = rank_indices(order, batch_size=batch_size, world_size=processes, rank=rank(),
+                               start_iteration=iteration)
+        loader = DataLoader(dataset, batch_size=batch_size // processes, sampler=indices, drop_last=True,
+                            num_workers=settings["workers"], generator=loader_generator,
                             pin_memory=device.type == "cuda")
         progress = tqdm(loader, total=iters_per_epoch, initial=iteration, desc=f"epoch {epoch}",
-                        leave=False, disable=None)
+                        leave=False, disable=True if not is_writer else None)
         tick = time.perf_counter()
         for batch in progress:
             lr = lr_at(epoch * iters_per_epoch + iteration, iters_per_epoch, epochs, peak_lr,
@@ -186,7 +240,7 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
                 group["lr"] = lr
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
-                outputs = vclr(batch)
+                outputs = forward(batch, shuffle_fn=shuffle, unshuffle_fn=unshuffle_across_ranks)
             try:
                 total, terms = vclr_loss(outputs, weights, settings["temperature"])
             except VclrError as error:
@@ -197,7 +251,10 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
             total.backward()
             optimizer.step()
             vclr.momentum_update(settings["alpha"])
-            vclr.enqueue(outputs)
+            vclr.enqueue(outputs, gather_fn=gather)
+            # Logged: the global loss (the mean of the per-process means; equal shares per process).
+            terms = {term: mean_across_ranks(value) for term, value in terms.items()}
+            total = mean_across_ranks(total)
             step, iteration = step + 1, iteration + 1
             steps_this_run += 1
             now = time.perf_counter()
@@ -207,8 +264,9 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
             tick = now
             first_loss = record["total"] if first_loss is None else first_loss
             last_loss = record["total"]
-            with open(log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            if is_writer:
+                with open(log_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
             progress.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lr:.2e}")
             if settings["max_steps"] is not None and step >= settings["max_steps"]:
                 stopped = True
@@ -216,9 +274,10 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
         progress.close()
         if iteration >= iters_per_epoch:
             epoch, iteration = epoch + 1, 0
-        if stopped or epoch % settings["checkpoint_every"] == 0 or epoch == epochs:
+        if (stopped or epoch % settings["checkpoint_every"] == 0 or epoch == epochs) and is_writer:
             save_checkpoint(checkpoint_path, vclr=vclr, optimizer=optimizer, epoch=epoch, iteration=iteration,
                             step=step, config=config, generators=generators)
+        barrier()
 
     completed = epoch >= epochs
     elapsed = time.perf_counter() - started
@@ -226,13 +285,14 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
         "completed": completed, "steps": step, "epochs": epoch, "iterations_per_epoch": iters_per_epoch,
         "videos": len(dataset), "first_loss_this_run": first_loss, "last_loss": last_loss,
         "videos_per_s": steps_this_run * batch_size / elapsed if steps_this_run else None,
-        "settings": config,
+        "settings": config, "processes": processes,
     }
-    if completed:
+    if completed and is_writer:
         backbone_state = {key: value.cpu() for key, value in vclr.model.backbone.state_dict().items()}
         with atomic_open(out_dir / "backbone.pt", "wb") as handle:
             torch.save(backbone_state, handle)
         atomic_write_json(out_dir / "summary.json", summary)
+    barrier()
     return summary
 
 
@@ -242,7 +302,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory (checkpoint, log, backbone)")
     parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
     parser.add_argument("--epochs", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="global batch (under torchrun split evenly over the processes)")
     parser.add_argument("--lr", type=float, default=0.1, help="lr for a batch of 256 (scaled linearly)")
     parser.add_argument("--warmup-epochs", type=float, default=5.0)
     parser.add_argument("--queue-size", type=int, default=131072)
@@ -276,6 +337,8 @@ def main(args: argparse.Namespace) -> int:
         "deterministic": args.deterministic, "max_steps": args.max_steps, "device": args.device,
     }
     summary = pretrain(settings, args.index, args.frames, args.out, resume=not args.no_resume)
+    if distributed_env()[0] != 0:  # one report per run, from the process that wrote the outputs
+        return 0
     state = "completed" if summary["completed"] else "stopped (resumable)"
     print(f"{state}: {summary['steps']} steps, last loss {summary['last_loss']}, {args.out}")
     return 0
