@@ -204,6 +204,12 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path):
     # Resuming the same directory with other settings is refused too, naming them.
     with pytest.raises(VclrError, match="crop"):
         pretrain({**SETTINGS, "epochs": 2, "crop": 40}, index_csv, frames_dir, tmp_path / "run")
+    # ... and so is resuming it on other data (an index that lost a video).
+    other_index = tmp_path / "other_train.csv"
+    lines = index_csv.read_text(encoding="utf-8").splitlines(keepends=True)
+    other_index.write_text("".join(lines[:-2] + lines[-1:]), encoding="utf-8")
+    with pytest.raises(VclrError, match=r"other settings \(data\)"):
+        pretrain({**SETTINGS, "epochs": 2}, other_index, frames_dir, tmp_path / "run")
 
 
 def test_queue_not_a_multiple_of_the_batch_fails_before_training(tiny_data, tmp_path, capsys):

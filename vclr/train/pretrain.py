@@ -19,6 +19,7 @@ rank 0's checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import functools
 import json
 import os
@@ -144,6 +145,15 @@ def pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.
             torch.distributed.destroy_process_group()
 
 
+def data_fingerprint(index_csv: str | os.PathLike, frames_dir: str | os.PathLike) -> dict:
+    """sha256 of the split index and of the frames manifest (which names every packed video)."""
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    return {"index_sha256": digest(Path(index_csv)),
+            "manifest_sha256": digest(Path(frames_dir) / "manifest.json")}
+
+
 def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.PathLike,
               out_dir: str | os.PathLike, resume: bool) -> dict:
     out_dir = Path(out_dir)
@@ -185,7 +195,8 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     # Shuffle-BN permutations (drawn on rank 0): a generator of their own, saved in the checkpoint.
     shuffle_generator = torch.Generator().manual_seed(settings["seed"])
     generators = {"loader": loader_generator, "shuffle": shuffle_generator}
-    config = dict(settings)
+    # What the run trains on is part of its identity: a checkpoint never resumes on other data.
+    config = dict(settings, data=data_fingerprint(index_csv, frames_dir))
 
     epoch, iteration, step = 0, 0, 0
     if resume and checkpoint_path.exists():
