@@ -12,6 +12,7 @@ import csv
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 from vclr.errors import VclrError
@@ -245,37 +246,41 @@ def parse_k400(annotations_dir: Path) -> Annotations:
     return Annotations("k400", tuple(classes), splits)
 
 
-def _read_k400_csv(path: Path) -> list[tuple[str, str, str]]:
-    """(location, key, label or "") per row, using the csv module for quoted labels."""
-    lines = _read_text(path).splitlines(keepends=True)
-    reader = csv.reader(lines)
+def _csv_records(path: Path, required: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """("file:line", {column: value}) per non-empty row of a headed CSV (quoted fields via csv).
+
+    The header must name every `required` column; a row with another field count is an error.
+    """
+    reader = csv.reader(_read_text(path).splitlines(keepends=True))
     header = next(reader, None)
     if header is None:
         raise VclrError(f"{path}: empty annotation file")
-    required = ["youtube_id", "time_start", "time_end"]
     missing = [name for name in required if name not in header]
     if missing:
         raise VclrError(f"{path}:1: header lacks {', '.join(missing)} (got {','.join(header)})")
-    column = {name: header.index(name) for name in header}
-    has_label = "label" in column
-    rows = []
     for fields in reader:
         where = f"{path}:{reader.line_num}"
         if not fields:
             continue
         if len(fields) != len(header):
             raise VclrError(f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(fields)}")
+        yield where, dict(zip(header, fields))
+
+
+def _read_k400_csv(path: Path) -> list[tuple[str, str, str]]:
+    """(location, key, label or "") per row, using the csv module for quoted labels."""
+    rows = []
+    for where, record in _csv_records(path, ["youtube_id", "time_start", "time_end"]):
         try:
-            start, end = int(fields[column["time_start"]]), int(fields[column["time_end"]])
+            start, end = int(record["time_start"]), int(record["time_end"])
         except ValueError:
             raise VclrError(f"{where}: time_start/time_end must be integers") from None
-        youtube_id = fields[column["youtube_id"]]
-        if not youtube_id:
+        if not record["youtube_id"]:
             raise VclrError(f"{where}: empty youtube_id")
-        label = fields[column["label"]] if has_label else ""
-        if has_label and not label:
+        label = record.get("label", "")
+        if "label" in record and not label:
             raise VclrError(f"{where}: empty label")
-        rows.append((where, k400_key(youtube_id, start, end), label))
+        rows.append((where, k400_key(record["youtube_id"], start, end), label))
     if not rows:
         raise VclrError(f"{path}: no rows after the header")
     return rows
@@ -480,20 +485,9 @@ def _read_anet_bsn(json_path: Path, csv_path: Path) -> list[tuple[str, str, floa
     data = _load_json(json_path)
     if not isinstance(data, dict) or not data:
         raise VclrError(f"{json_path}: expected a non-empty object keyed by v_<youtube_id>")
-    lines = _read_text(csv_path).splitlines(keepends=True)
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None or "video" not in header or "subset" not in header:
-        raise VclrError(f"{csv_path}:1: header must include 'video' and 'subset'")
-    video_col, subset_col = header.index("video"), header.index("subset")
     videos = []
-    for fields in reader:
-        where = f"{csv_path}:{reader.line_num}"
-        if not fields:
-            continue
-        if len(fields) != len(header):
-            raise VclrError(f"{where}: expected {len(header)} fields, got {len(fields)}")
-        key, subset = fields[video_col], fields[subset_col]
+    for where, record in _csv_records(csv_path, ["video", "subset"]):
+        key, subset = record["video"], record["subset"]
         if subset not in ANET_SUBSETS:
             raise VclrError(f"{where}: subset {subset!r} is not one of {', '.join(ANET_SUBSETS)}")
         info = data.get(key)
