@@ -6,8 +6,11 @@ import csv
 import io
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +172,35 @@ def test_exact_resume_after_a_stopped_subprocess(tiny_data, tmp_path):
     assert len(expected) == 6 and got == expected  # exact float equality of every loss term
     a = torch.load(tmp_path / "whole" / "backbone.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "backbone.pt", weights_only=True)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_exact_resume_after_a_killed_subprocess(tiny_data, tmp_path):
+    """SIGKILL mid-run (no chance to save): the rerun resumes from the last epoch checkpoint, drops
+    the log lines written after it, and reaches the uninterrupted run's per-step losses exactly."""
+    index_csv, frames_dir = tiny_data
+    epochs = 8
+    command = lambda out: [sys.executable, "-m", "vclr", *_cli_args(index_csv, frames_dir, out, epochs)]  # noqa: E731
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    victim = subprocess.Popen(command(tmp_path / "killed"), cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 5:  # inside epoch 3 of 8
+            break
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = subprocess.run(command(tmp_path / "killed"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    strip = lambda records: [{k: v for k, v in r.items() if k != "videos_per_s"} for r in records]  # noqa: E731
+    assert strip(_log(tmp_path / "killed")) == strip(_log(tmp_path / "whole"))
+    a = torch.load(tmp_path / "whole" / "backbone.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "backbone.pt", weights_only=True)
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
