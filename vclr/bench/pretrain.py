@@ -1,0 +1,327 @@
+"""`vclr bench pretrain`: videos/s of one full VCLR training step, per precision/compile mode.
+
+A step is what vclr.train.pretrain does per batch: the query encoder on xq + the query tuple, the
+momentum encoder (shuffle-BN) on x1..x3 + the key tuple, the four losses, backward, SGD step,
+momentum update, enqueue. The modes run on the same synthetic tensors, interleaved in rounds
+(A, B, C, A, B, C, ...) so a noisy machine slows them alike; warm-up (and compilation, reported on
+its own) is excluded. Then the real loop, `pretrain(...)` with data loading from packed frames, is
+timed at the same shapes and reported as a fraction of the synthetic-tensor rate of its mode.
+The synthetic-tensor path imports only torch (and the vclr model code), so it runs on a GPU machine
+without extra packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vclr.errors import VclrError
+from vclr.io_utils import atomic_write_json
+from vclr.models.backbones import BACKBONES, build_backbone
+from vclr.models.vclr import ORDER_CLASSES, Vclr, VclrModel
+from vclr.train.losses import LOSS_TERMS, vclr_loss
+from vclr.train.schedule import scaled_lr
+
+# mode -> (bf16 autocast, channels_last, torch.compile of both backbones): the --bf16,
+# --channels-last and --compile switches of `vclr train pretrain`.
+MODES = {
+    "fp32_eager": (False, False, False),
+    "bf16_channels_last": (True, True, False),
+    "bf16_channels_last_compile": (True, True, True),
+}
+PAPER_SHAPES = {"backbone": "resnet50", "batch": 64, "crop": 224, "segments": 3, "queue_size": 131072}
+CPU_PRESET = {"backbone": "resnet18", "batch": 8, "crop": 112}
+# The optimiser/momentum/temperature values of vclr.train.pretrain.DEFAULT_SETTINGS (a test keeps them
+# equal). Not imported: that module pulls in tqdm and the data code, which the GPU machine may lack.
+STEP_SETTINGS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "alpha": 0.999, "temperature": 0.1}
+
+
+def synthetic_batch(batch: int, crop: int, segments: int, device: torch.device,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The batch entries of vclr.models.vclr.BATCH_KEYS, as the data loader delivers them (contiguous)."""
+    def images(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, 3, crop, crop, generator=generator).to(device)
+
+    return {"xq": images(batch), "x1": images(batch), "x2": images(batch), "x3": images(batch),
+            "query_tuple": images(batch, segments), "key_tuple": images(batch, segments),
+            "order_label": torch.randint(0, ORDER_CLASSES, (batch,), generator=generator).to(device)}
+
+
+def build_mode(mode: str, shapes: dict, device: torch.device, seed: int):
+    """(vclr, optimizer) set up as vclr.train.pretrain does for this mode."""
+    _, channels_last, compile_backbones = MODES[mode]
+    torch.manual_seed(seed)
+    backbone, feature_dim = build_backbone(shapes["backbone"])
+    model = VclrModel(backbone, feature_dim, num_segments=shapes["segments"])
+    vclr = Vclr(model, queue_size=shapes["queue_size"], generator=torch.Generator().manual_seed(seed))
+    if channels_last:
+        vclr = vclr.to(memory_format=torch.channels_last)
+    vclr = vclr.to(device)
+    optimizer = torch.optim.SGD(vclr.model.parameters(), lr=scaled_lr(STEP_SETTINGS["lr"], shapes["batch"]),
+                                momentum=STEP_SETTINGS["momentum"], weight_decay=STEP_SETTINGS["weight_decay"])
+    if compile_backbones:
+        vclr.model.backbone.compile()
+        vclr.momentum.encoder.backbone.compile()
+    vclr.train()
+    return vclr, optimizer
+
+
+def train_step(vclr, optimizer, batch: dict[str, torch.Tensor], bf16: bool, device: torch.device) -> float:
+    """One training step exactly as the loop of vclr.train.pretrain runs it; returns the total loss."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = vclr(batch)
+    total, _ = vclr_loss(outputs, dict.fromkeys(LOSS_TERMS, 1.0), STEP_SETTINGS["temperature"])
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    vclr.momentum_update(STEP_SETTINGS["alpha"])
+    vclr.enqueue(outputs)
+    return total.item()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_steps(setup, batch, steps: int, device: torch.device) -> float:
+    vclr, optimizer, bf16 = setup
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(vclr, optimizer, batch, bf16, device)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_synthetic(modes: list[str], shapes: dict, device: torch.device, rounds: int, steps: int,
+                    warmup: int, seed: int = 0, log=print):
+    """({mode: {videos_per_s (median over rounds), per round, first step s, ...}}, remeasure).
+
+    remeasure(mode) -> videos/s of one more round of that mode (the models stay built), to bracket
+    the real-loop run in time: the shared machine's load drifts between minutes.
+    """
+    batch = synthetic_batch(shapes["batch"], shapes["crop"], shapes["segments"], device,
+                            torch.Generator().manual_seed(seed))
+    setups, results = {}, {}
+    for mode in modes:
+        vclr, optimizer = build_mode(mode, shapes, device, seed)
+        setups[mode] = (vclr, optimizer, MODES[mode][0])
+        # The first step holds compilation (compile mode) and cudnn autotuning: timed on its own.
+        first_step_s = _timed_steps(setups[mode], batch, 1, device)
+        warmup_s = _timed_steps(setups[mode], batch, warmup, device) if warmup else 0.0
+        results[mode] = {"first_step_s": first_step_s, "warmup_steps": warmup, "warmup_s": warmup_s,
+                         "rounds": []}
+        log(f"  {mode}: first step {first_step_s:.1f} s, {warmup} warm-up steps {warmup_s:.1f} s")
+    for round_index in range(rounds):
+        for mode in modes:  # interleaved: A, B, C, A, B, C, ...
+            elapsed = _timed_steps(setups[mode], batch, steps, device)
+            results[mode]["rounds"].append(steps * shapes["batch"] / elapsed)
+        log(f"  round {round_index + 1}/{rounds}: "
+            + ", ".join(f"{mode} {results[mode]['rounds'][-1]:.1f}" for mode in modes) + " videos/s")
+    for mode in modes:
+        rates = results[mode]["rounds"]
+        results[mode]["videos_per_s"] = statistics.median(rates)
+        results[mode]["steps_per_round"] = steps
+    baseline = results.get("fp32_eager", {}).get("videos_per_s")
+    for mode in modes:
+        results[mode]["ratio_to_fp32_eager"] = results[mode]["videos_per_s"] / baseline if baseline else None
+        if baseline:  # round by round: the two sides of a ratio ran seconds apart
+            results[mode]["ratio_to_fp32_eager_per_round"] = [
+                rate / base for rate, base in zip(results[mode]["rounds"], results["fp32_eager"]["rounds"])]
+        if MODES[mode][2]:
+            # Compile time: the first step's excess over a warm step.
+            results[mode]["compile_s"] = max(
+                0.0, results[mode]["first_step_s"] - shapes["batch"] / results[mode]["videos_per_s"])
+
+    def remeasure(mode: str) -> float:
+        return steps * shapes["batch"] / _timed_steps(setups[mode], batch, steps, device)
+
+    return results, remeasure
+
+
+def make_packed_dataset(work: Path, videos: int, crop: int, workers: int, seed: int = 0) -> tuple[Path, Path]:
+    """(index CSV, frames dir) of `videos` synthetic UCF101-layout clips, made by the real tools.
+
+    Generated small (128x96, 32 frames: cheap to render), extracted to the short side the paper's
+    frames have relative to the crop (256 for 224) so JPEG decoding and cropping cost what they will.
+    """
+    from vclr.data.extract import ExtractSettings, run_extract
+    from vclr.data.index import build_index
+    from vclr.data.synthetic import generate_dataset
+
+    classes = 10
+    per_class = math.ceil(videos / classes)
+    raw, frames_dir, index_dir = work / "raw", work / "frames", work / "index"
+    generate_dataset("ucf101", raw, seed, classes=classes, train_per_class=per_class, test_per_class=1,
+                     frames=32)
+    short_side = 2 * math.ceil(crop * 256 / 224 / 2)
+    settings = ExtractSettings(fps=None, short_side=short_side, size=None, num_frames=None, quality=90,
+                               shards=4)
+    run_extract("ucf101", raw / "videos", frames_dir, settings, workers=workers, progress=False)
+    build_index("ucf101", raw / "annotations", frames_dir, None, index_dir)
+    return index_dir / "train.csv", frames_dir
+
+
+def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, frames_dir: Path, out_dir: Path,
+               steps: int, warmup: int, workers: int, seed: int = 0) -> dict:
+    """videos/s of `pretrain(...)` over `steps` steps after `warmup`, from its per-step log.
+
+    The first step of every epoch (DataLoader and worker start-up) and the first `warmup` steps
+    (compilation, autotuning) are excluded; a step's time runs from the end of the previous step.
+    """
+    from vclr.data.pretrain_dataset import found_rows
+    from vclr.train.pretrain import pretrain
+
+    bf16, channels_last, compile_backbones = MODES[mode]
+    videos = len(found_rows(index_csv))
+    iterations_per_epoch = videos // shapes["batch"]
+    if iterations_per_epoch < 2:
+        raise VclrError(f"{index_csv}: {videos} found videos give {iterations_per_epoch} steps per epoch at "
+                        f"batch {shapes['batch']}; need at least 2 (the first of each epoch is not timed)")
+    total_steps, timed = 0, 0
+    while timed < steps:  # steps to run so that `steps` of them are timed
+        total_steps += 1
+        timed += total_steps > warmup and (total_steps - 1) % iterations_per_epoch > 0
+    epochs = math.ceil(total_steps / iterations_per_epoch)
+    settings = {"backbone": shapes["backbone"], "batch_size": shapes["batch"], "crop": shapes["crop"],
+                "segments": shapes["segments"], "queue_size": shapes["queue_size"], "epochs": epochs,
+                "workers": workers, "checkpoint_every": epochs, "bf16": bf16, "channels_last": channels_last,
+                "compile": compile_backbones, "device": device.type, "seed": seed,
+                "max_steps": total_steps}
+    started = time.perf_counter()
+    summary = pretrain(settings, index_csv, frames_dir, out_dir, resume=False)
+    wall_s = time.perf_counter() - started
+    log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    kept = [record for number, record in enumerate(log)
+            if number >= warmup and record["iteration"] > 1]
+    if not kept:
+        raise VclrError(f"{out_dir / 'log.jsonl'}: no step left to time after start-up")
+    seconds = sum(shapes["batch"] / record["videos_per_s"] for record in kept)
+    return {"mode": mode, "videos": videos, "iterations_per_epoch": iterations_per_epoch,
+            "workers": workers, "steps_logged": len(log), "steps_timed": len(kept),
+            "videos_per_s": len(kept) * shapes["batch"] / seconds,
+            "per_step_videos_per_s": [record["videos_per_s"] for record in kept],
+            "wall_s_including_startup": wall_s, "last_loss": summary["last_loss"]}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VclrError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--preset", choices=("paper", "cpu"),
+                        help="shapes: paper = resnet50, batch 64, crop 224 (default on cuda); cpu = resnet18, "
+                             "batch 8, crop 112 (default on cpu); explicit flags override it")
+    parser.add_argument("--backbone", choices=BACKBONES)
+    parser.add_argument("--batch", type=int, help="videos per step")
+    parser.add_argument("--crop", type=int)
+    parser.add_argument("--segments", type=int, default=PAPER_SHAPES["segments"], help="K")
+    parser.add_argument("--queue-size", type=int, default=PAPER_SHAPES["queue_size"])
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the modes")
+    parser.add_argument("--steps", type=int, help="timed steps per mode per round (default: 10 cuda, 3 cpu)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode after the first")
+    parser.add_argument("--loop-mode", default="best",
+                        help="mode of the real-loop run: a mode name, 'best' (fastest synthetic), or 'none'")
+    parser.add_argument("--loop-steps", type=int, help="timed steps of the real loop (default: 20 cuda, 4 cpu)")
+    parser.add_argument("--loop-workers", type=int, help="DataLoader workers (default: cores, at most 16)")
+    parser.add_argument("--frames", type=Path, help="packed-frames directory for the real loop (default: generate)")
+    parser.add_argument("--index", type=Path, help="split CSV for the real loop (with --frames)")
+    parser.add_argument("--out-json", type=Path, help="write the results here")
+
+
+def resolve_shapes(args: argparse.Namespace, device: torch.device) -> dict:
+    preset = args.preset or ("paper" if device.type == "cuda" else "cpu")
+    shapes = dict(PAPER_SHAPES)
+    if preset == "cpu":
+        shapes.update(CPU_PRESET)
+    for name in ("backbone", "batch", "crop"):
+        if getattr(args, name) is not None:
+            shapes[name] = getattr(args, name)
+    shapes.update(segments=args.segments, queue_size=args.queue_size, preset=preset)
+    for name in ("batch", "crop", "segments", "queue_size"):
+        if shapes[name] <= 0:
+            raise VclrError(f"--{name.replace('_', '-')} must be positive, got {shapes[name]}")
+    if shapes["queue_size"] % shapes["batch"]:
+        raise VclrError(f"--queue-size {shapes['queue_size']} is not a multiple of --batch {shapes['batch']}")
+    return shapes
+
+
+def main(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    shapes = resolve_shapes(args, device)
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise VclrError(f"--modes: unknown or empty {unknown or modes} (known: {', '.join(MODES)})")
+    if (args.frames is None) != (args.index is None):
+        raise VclrError("--frames and --index: give both or neither")
+    if args.loop_mode not in ("best", "none", *modes):
+        raise VclrError(f"--loop-mode {args.loop_mode!r}: expected best, none or one of --modes ({', '.join(modes)})")
+    on_cuda = device.type == "cuda"
+    steps = args.steps or (10 if on_cuda else 3)
+    loop_steps = args.loop_steps or (20 if on_cuda else 4)
+    workers = args.loop_workers if args.loop_workers is not None else min(16, os.cpu_count() or 1)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # as the training loop sets it
+    where = torch.cuda.get_device_name(device) if on_cuda else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device {device} ({where}), torch {torch.__version__}; {shapes['backbone']}, batch {shapes['batch']}, "
+          f"crop {shapes['crop']}, K={shapes['segments']}, queue {shapes['queue_size']}")
+    print(f"synthetic tensors: {args.rounds} rounds x {steps} steps per mode (after 1 + {args.warmup} warm-up)")
+    synthetic, remeasure = bench_synthetic(modes, shapes, device, args.rounds, steps, args.warmup)
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": where,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "processor": platform.processor(), "shapes": shapes,
+        "rounds": args.rounds, "steps_per_round": steps, "synthetic": synthetic, "loop": None,
+    }
+    for mode in modes:
+        entry = synthetic[mode]
+        ratio = (f"{entry['ratio_to_fp32_eager']:.2f}x fp32 eager (per round "
+                 f"{', '.join(f'{r:.2f}' for r in entry['ratio_to_fp32_eager_per_round'])})"
+                 if entry["ratio_to_fp32_eager"] else "")
+        extra = f", compile {entry['compile_s']:.1f} s" if "compile_s" in entry else ""
+        print(f"{mode:28s} {entry['videos_per_s']:9.1f} videos/s (median; rounds "
+              f"{', '.join(f'{rate:.1f}' for rate in entry['rounds'])}) {ratio}{extra}")
+    if args.loop_mode != "none":
+        loop_mode = (max(modes, key=lambda mode: synthetic[mode]["videos_per_s"]) if args.loop_mode == "best"
+                     else args.loop_mode)
+        with tempfile.TemporaryDirectory(prefix="vclr-bench-pretrain-") as tmp:
+            work = Path(tmp)
+            if args.frames is None:
+                videos = shapes["batch"] * 4
+                print(f"real loop: generating + extracting {videos} synthetic videos ...")
+                started = time.perf_counter()
+                index_csv, frames_dir = make_packed_dataset(work, videos, shapes["crop"], workers)
+                print(f"  data made in {time.perf_counter() - started:.1f} s")
+            else:
+                index_csv, frames_dir = args.index, args.frames
+            print(f"real loop ({loop_mode}, {workers} workers): {args.warmup} warm-up + {loop_steps} timed steps")
+            loop = bench_loop(loop_mode, shapes, device, index_csv, frames_dir, work / "run", loop_steps,
+                              args.warmup, workers)
+        loop["synthetic_videos_per_s_after"] = remeasure(loop_mode)
+        loop["fraction_of_synthetic"] = loop["videos_per_s"] / synthetic[loop_mode]["videos_per_s"]
+        loop["fraction_of_synthetic_after"] = loop["videos_per_s"] / loop["synthetic_videos_per_s_after"]
+        result["loop"] = loop
+        print(f"real loop {loop_mode}: {loop['videos_per_s']:.1f} videos/s over {loop['steps_timed']} steps = "
+              f"{loop['fraction_of_synthetic']:.2f} of the synthetic-tensor median, "
+              f"{loop['fraction_of_synthetic_after']:.2f} of a synthetic round run right after "
+              f"({loop['synthetic_videos_per_s_after']:.1f} videos/s)")
+    if args.out_json:
+        atomic_write_json(args.out_json, result)
+    return 0
