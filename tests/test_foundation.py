@@ -122,3 +122,16 @@ def test_cli_reports_vclr_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "bad.yaml" in result.stderr
+
+
+def test_slurm_profile_resolves_the_paper_dag_with_gpu_resources():
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "all_tables", "--configfile", "config/paper.yaml",
+         "--workflow-profile", "workflow/profiles/slurm"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    pretrain = result.stdout.split("rule pretrain_vclr_k400:")[1].split("\n\n")[0]
+    assert "gpu=8" in pretrain and "nodes=1" in pretrain
+    assert "torchrun --standalone --nproc_per_node=8 -m vclr train pretrain" in render_dvc_yaml(
+        "config/paper.yaml", "pipelines/paper/dvc.yaml")

@@ -193,7 +193,7 @@ def pretrain_jobs(config: dict) -> list[Job]:
             persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
             params=("pretrain.defaults", f"pretrain.runs.{run}", "seed"),
             log=_log(config, f"pretrain_{run}"), threads=max(1, settings.get("workers", 0)),
-            resources={"gpus": processes, "runtime": 72 * 60, "mem_mb": 64000} if processes > 1 else {},
+            resources={"gpu": processes, "runtime": 72 * 60, "mem_mb": 64000} if processes > 1 else {},
         ))
     return jobs
 
