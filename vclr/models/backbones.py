@@ -83,18 +83,23 @@ def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tu
     if pretrained is not None:
         state = _load_state_dict(pretrained)
         state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-        _copy_checked(trunk, state, f"{pretrained} (backbone {name})")
+        copy_checked(trunk, state, f"{pretrained} (backbone {name})")
     return trunk, feature_dim
 
 
-def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_checkpoint_file(path: str | os.PathLike) -> object:
+    """torch.load on the CPU, tensors and plain containers only; VclrError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise VclrError(f"{path}: checkpoint not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle/zip errors come in many types
         raise VclrError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+
+
+def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    checkpoint = read_checkpoint_file(path)
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -102,7 +107,7 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def _copy_checked(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> int:
+def copy_checked(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> int:
     """Copy `state` into `module` after checking it is the same architecture; VclrError otherwise.
 
     BatchNorm's `num_batches_tracked` may be absent (older checkpoints); nothing else may be.
@@ -143,11 +148,11 @@ def load_moco_v2(path: str | os.PathLike, model: nn.Module) -> dict[str, int]:
         raise VclrError(f"{path}: no '{MOCO_TRUNK_PREFIX}*' keys, not a MoCo checkpoint (keys: {sample}, ...)")
     trunk = {k: v for k, v in query.items() if not k.startswith("fc.")}
     mlp = {k: v for k, v in query.items() if k.startswith("fc.")}
-    copied = {"backbone": _copy_checked(model.backbone, trunk, f"{path} (backbone)")}
+    copied = {"backbone": copy_checked(model.backbone, trunk, f"{path} (backbone)")}
     for name, head in model.heads.items():
         missing = [MOCO_TRUNK_PREFIX + v for v in MOCO_MLP_KEYS.values() if v not in mlp]
         if missing:
             raise VclrError(f"{path}: MoCo v2 MLP head keys missing: {', '.join(missing)}")
         head_state = {own_key: mlp[moco_key] for own_key, moco_key in MOCO_MLP_KEYS.items()}
-        copied[name] = _copy_checked(head, head_state, f"{path} (MLP -> head {name!r})")
+        copied[name] = copy_checked(head, head_state, f"{path} (MLP -> head {name!r})")
     return copied

@@ -1,0 +1,210 @@
+"""Frozen-backbone video features (the linear-probe and retrieval protocol's extraction).
+
+Per video: `num_frames` frames at uniform_frame_indices, each centre-cropped to `crop` with no resize
+(a frame whose short side is under `crop` is first resized up so the short side equals it), ImageNet
+normalised, through the backbone trunk (global-average-pooled feature, no head); the frame features
+are averaged. Saved as one .npz with the provenance needed to tell two feature files apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+
+from vclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from vclr.data.frames import VideoFrameDataset, uniform_frame_indices
+from vclr.data.index import read_split
+from vclr.data.packed import PackedFrames
+from vclr.errors import VclrError
+from vclr.io_utils import atomic_open
+from vclr.models.backbones import BACKBONES, build_backbone, copy_checked, read_checkpoint_file
+from vclr.train.checkpoint import CHECKPOINT_FORMAT
+
+FEATURES_FORMAT = "vclr-features/1"
+QUERY_BACKBONE_PREFIX = "model.backbone."  # the query encoder's trunk inside a pretraining checkpoint
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_backbone(path_or_checkpoint: str | os.PathLike, name: str, seed: int = 0) -> nn.Module:
+    """The trunk `name` with weights from our backbone.pt, our checkpoint_last.pt (the query model's
+    backbone) or, for 'random', a torchvision-style initialisation drawn from `seed`."""
+    if str(path_or_checkpoint) == "random":
+        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            backbone, _ = build_backbone(name)
+        return backbone
+    path = Path(path_or_checkpoint)
+    state = read_checkpoint_file(path)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        trunk = {key[len(QUERY_BACKBONE_PREFIX):]: value for key, value in state["vclr"].items()
+                 if key.startswith(QUERY_BACKBONE_PREFIX)}
+        if not trunk:
+            raise VclrError(f"{path}: pretraining checkpoint without '{QUERY_BACKBONE_PREFIX}*' keys")
+        backbone, _ = build_backbone(name)
+        copy_checked(backbone, trunk, f"{path} (query backbone, {name})")
+        return backbone
+    backbone, _ = build_backbone(name, pretrained=path)
+    return backbone
+
+
+def center_crop(frames: torch.Tensor, crop: int) -> torch.Tensor:
+    """uint8 [T,3,H,W] -> float32 [T,3,crop,crop] in [0,1]; short side resized up only if under crop."""
+    frames = frames.float().div_(255)
+    height, width = frames.shape[-2:]
+    if min(height, width) < crop:
+        scale = crop / min(height, width)
+        size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+        frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+        height, width = size
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return frames[..., top:top + crop, left:left + crop]
+
+
+def _eval_transform(crop: int):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def transform(frames: torch.Tensor) -> torch.Tensor:
+        return (center_crop(frames, crop) - mean) / std
+
+    return transform
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, num_frames: int = 30,
+                     crop: int = 224, batch_size: int = 240, device: str | torch.device = "cpu",
+                     workers: int = 0) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(features float32 [N,D], video_ids, labels) for the found rows, in row order.
+
+    `batch_size` counts frames: whole videos are batched, batch_size // num_frames of them (at least 1).
+    bf16 autocast on CUDA, fp32 on CPU; the average over frames is always taken in fp32.
+    """
+    device = torch.device(device)
+    dataset = VideoFrameDataset(rows, frames, lambda count, _: uniform_frame_indices(count, num_frames),
+                                _eval_transform(crop))
+    if len(dataset) == 0:
+        raise VclrError(f"{frames.frames_dir}: no found videos to extract features from")
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // num_frames), num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    backbone = backbone.to(device).eval()
+    features, video_ids, labels = [], [], []
+    for clips, clip_labels, clip_ids in loader:
+        videos = clips.shape[0]
+        clips = clips.to(device, non_blocking=True).flatten(0, 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            output = backbone(clips)
+        features.append(output.float().view(videos, num_frames, -1).mean(1).cpu())
+        video_ids.extend(clip_ids)
+        labels.append(clip_labels)
+    return torch.cat(features).numpy().astype(np.float32), list(video_ids), torch.cat(labels).numpy()
+
+
+def save_features(path: str | os.PathLike, features: np.ndarray, video_ids: Sequence[str], labels: np.ndarray,
+                  provenance: dict) -> None:
+    """One .npz: features [N,D] float32, video_ids [N] str, labels [N] int64, provenance (JSON string)."""
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, features=np.asarray(features, dtype=np.float32),
+                 video_ids=np.asarray(list(video_ids), dtype=str), labels=np.asarray(labels, dtype=np.int64),
+                 provenance=np.asarray(json.dumps({"format": FEATURES_FORMAT, **provenance})))
+
+
+def load_features(path: str | os.PathLike) -> dict:
+    """{features, video_ids, labels, provenance}; VclrError naming the file if it is not ours or its
+    arrays are out of step."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            loaded = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise VclrError(f"{path}: features file not found") from None
+    except (ValueError, OSError) as error:
+        raise VclrError(f"{path}: not a readable .npz ({error})") from None
+    missing = [key for key in ("features", "video_ids", "labels", "provenance") if key not in loaded]
+    if missing:
+        raise VclrError(f"{path}: not a features file (missing arrays: {', '.join(missing)})")
+    try:
+        provenance = json.loads(str(loaded["provenance"]))
+    except ValueError:
+        raise VclrError(f"{path}: key 'provenance' is not JSON") from None
+    if not isinstance(provenance, dict) or provenance.get("format") != FEATURES_FORMAT:
+        raise VclrError(f"{path}: key 'provenance': format {FEATURES_FORMAT!r} expected")
+    features, video_ids, labels = loaded["features"], loaded["video_ids"], loaded["labels"]
+    if features.ndim != 2 or video_ids.ndim != 1 or labels.ndim != 1 or not (
+            len(features) == len(video_ids) == len(labels)):
+        raise VclrError(f"{path}: arrays out of step: features {features.shape}, video_ids {video_ids.shape}, "
+                        f"labels {labels.shape}")
+    if len(set(video_ids.tolist())) != len(video_ids):
+        raise VclrError(f"{path}: key 'video_ids' repeats a video")
+    return {"features": features.astype(np.float32), "video_ids": [str(v) for v in video_ids],
+            "labels": labels.astype(np.int64), "provenance": provenance}
+
+
+def features_for_split(backbone_name: str, checkpoint: str, index_csv: str | os.PathLike,
+                       frames_dir: str | os.PathLike, out: str | os.PathLike, num_frames: int = 30,
+                       crop: int = 224, batch_size: int = 240, device: str = "cpu", seed: int = 0,
+                       workers: int = 0) -> dict:
+    """Load, extract and save; returns the provenance written."""
+    rows = read_split(index_csv)
+    backbone = load_backbone(checkpoint, backbone_name, seed=seed)
+    features, video_ids, labels = extract_features(backbone, rows, PackedFrames(frames_dir), num_frames, crop,
+                                                   batch_size, device, workers)
+    names = {row.label: row.label_name for row in rows}
+    is_random = checkpoint == "random"
+    provenance = {
+        "backbone": backbone_name,
+        "checkpoint": f"random:seed={seed}" if is_random else str(Path(checkpoint).resolve()),
+        "checkpoint_sha256": None if is_random else file_sha256(checkpoint),
+        "index": str(Path(index_csv).resolve()), "frames": str(Path(frames_dir).resolve()),
+        "num_frames": num_frames, "crop": crop, "videos": len(video_ids),
+        "skipped_not_found": sum(row.status != "found" for row in rows),
+        "class_names": {str(label): names[int(label)] for label in sorted(set(labels.tolist()))},
+    }
+    save_features(out, features, video_ids, labels, provenance)
+    return provenance
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, choices=BACKBONES)
+    parser.add_argument("--checkpoint", required=True,
+                        help="backbone.pt, checkpoint_last.pt (query backbone) or 'random'")
+    parser.add_argument("--index", required=True, type=Path, help="split CSV, e.g. INDEX/train.csv")
+    parser.add_argument("--frames", required=True, type=Path, help="packed-frames directory")
+    parser.add_argument("--out", required=True, type=Path, help="features file to write (.npz)")
+    parser.add_argument("--num-frames", type=int, default=30)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=240, help="frames per forward pass")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0, help="init seed for --checkpoint random")
+    parser.add_argument("--workers", type=int, default=0, help="frame-decoding processes")
+
+
+def main(args: argparse.Namespace) -> int:
+    for flag in ("num_frames", "crop", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise VclrError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise VclrError("--device cuda requested but no CUDA device is available")
+    provenance = features_for_split(args.backbone, args.checkpoint, args.index, args.frames, args.out,
+                                    args.num_frames, args.crop, args.batch_size, device, args.seed, args.workers)
+    print(f"{provenance['videos']} videos ({provenance['skipped_not_found']} not found, skipped) -> {args.out}")
+    return 0

@@ -1,0 +1,126 @@
+"""Nearest-neighbour video retrieval: test videos query the train videos by cosine similarity.
+
+R@k is the fraction of queries whose k nearest gallery videos hold at least one video of the query's
+class; k in (1, 5, 10, 20, 50), plus R@1 per class. Ties in similarity are broken by gallery position
+(the earlier train video ranks first, a stable sort), so the result never depends on the sort
+algorithm or on how the queries were chunked. A k larger than the gallery is clamped to its size
+(reported as `k_effective`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vclr.errors import VclrError
+from vclr.evaluate.features import load_features
+from vclr.io_utils import atomic_write_json
+
+KS = (1, 5, 10, 20, 50)
+
+
+def nearest_gallery(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int,
+                    chunk_size: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
+    """[Q, min(k, G)] gallery indices, most similar first (cosine; ties: lower gallery index first).
+
+    Queries are processed `chunk_size` at a time, so only a [chunk_size, G] similarity block is ever
+    held (UCF101: 9,537 train x 3,783 test x 2048-d fits in a few hundred MB).
+    """
+    queries = torch.as_tensor(queries, dtype=torch.float32, device=device)
+    gallery = torch.as_tensor(gallery, dtype=torch.float32, device=device)
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise VclrError(f"feature shapes do not match: queries {tuple(queries.shape)}, "
+                        f"gallery {tuple(gallery.shape)}")
+    k = min(k, gallery.shape[0])
+    queries = torch.nn.functional.normalize(queries, dim=1)
+    gallery = torch.nn.functional.normalize(gallery, dim=1)
+    ranked = []
+    for start in range(0, queries.shape[0], chunk_size):
+        similarity = queries[start:start + chunk_size] @ gallery.T
+        # Stable sort of -similarity: equal similarities keep gallery order. topk gives no such promise.
+        order = torch.sort(-similarity, dim=1, stable=True).indices[:, :k]
+        ranked.append(order.cpu())
+    return torch.cat(ranked).numpy()
+
+
+def retrieval_metrics(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                      test_labels: np.ndarray, ks: Sequence[int] = KS, chunk_size: int = 1024,
+                      class_names: dict[int, str] | None = None, device: str | torch.device = "cpu") -> dict:
+    """{"recall": {"R@k": value}, "k_effective", "per_class_r1": {name: value}, "counts"}."""
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    for split, features, labels in (("train", train_features, train_labels),
+                                    ("test", test_features, test_labels)):
+        if len(features) == 0:
+            raise VclrError(f"{split} split is empty: no videos to retrieve {'from' if split == 'train' else 'with'}")
+        if len(features) != len(labels):
+            raise VclrError(f"{split}: features ({len(features)}) and labels ({len(labels)}) out of step")
+        if (labels < 0).any():
+            raise VclrError(f"{split}: {int((labels < 0).sum())} videos without a label (-1)")
+    names = class_names or {}
+    absent = sorted(set(test_labels.tolist()) - set(train_labels.tolist()))
+    if absent:
+        listed = ", ".join(f"{names.get(label, '?')!r} (label {label})" for label in absent)
+        raise VclrError(f"test classes missing from the train split (no gallery video can match): {listed}")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise VclrError(f"k values must be positive, got {ks}")
+    ranked = nearest_gallery(test_features, train_features, max(ks), chunk_size, device)
+    matches = train_labels[ranked] == test_labels[:, None]  # [Q, kmax]
+    hit_by = np.logical_or.accumulate(matches, axis=1)  # hit_by[q, j]: a match within the first j+1
+    effective = {k: min(k, ranked.shape[1]) for k in ks}
+    recall = {f"R@{k}": float(hit_by[:, effective[k] - 1].mean()) for k in ks}
+    per_class = {}
+    for label in sorted(set(test_labels.tolist())):
+        mask = test_labels == label
+        per_class[names.get(label, str(label))] = float(hit_by[mask, 0].mean())
+    return {
+        "recall": recall, "k": ks, "k_effective": [effective[k] for k in ks], "per_class_r1": per_class,
+        "counts": {"queries": len(test_labels), "gallery": len(train_labels), "classes": len(per_class)},
+        "ties": "equal similarities ranked by gallery position (stable sort)",
+    }
+
+
+def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
+                   ks: Sequence[int] = KS, chunk_size: int = 1024, device: str = "cpu") -> dict:
+    """Retrieval metrics of two feature files, written to `out` (JSON) with both files' provenance."""
+    train, test = load_features(train_path), load_features(test_path)
+    for field in ("backbone", "checkpoint_sha256", "checkpoint", "num_frames", "crop"):
+        if train["provenance"].get(field) != test["provenance"].get(field):
+            raise VclrError(f"{train_path} and {test_path}: provenance key {field!r} differs "
+                            f"({train['provenance'].get(field)!r} vs {test['provenance'].get(field)!r}); "
+                            f"both splits must come from the same backbone and extraction")
+    names = {int(k): v for source in (train, test)
+             for k, v in source["provenance"].get("class_names", {}).items()}
+    try:
+        metrics = retrieval_metrics(train["features"], train["labels"], test["features"], test["labels"], ks,
+                                    chunk_size, names, device)
+    except VclrError as error:
+        raise VclrError(f"{train_path} / {test_path}: {error}") from None
+    metrics["train"] = {"file": str(Path(train_path).resolve()), **train["provenance"]}
+    metrics["test"] = {"file": str(Path(test_path).resolve()), **test["provenance"]}
+    atomic_write_json(out, metrics)
+    return metrics
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, type=Path, help="gallery features (.npz, vclr eval features)")
+    parser.add_argument("--test", required=True, type=Path, help="query features (.npz)")
+    parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.chunk_size < 1:
+        raise VclrError(f"--chunk-size must be positive, got {args.chunk_size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise VclrError("--device cuda requested but no CUDA device is available")
+    metrics = evaluate_files(args.train, args.test, args.out, KS, args.chunk_size, args.device)
+    print("  ".join(f"{name} {100 * value:.1f}" for name, value in metrics["recall"].items())
+          + f"  ({metrics['counts']['queries']} queries, {metrics['counts']['gallery']} gallery) -> {args.out}")
+    return 0
