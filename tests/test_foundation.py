@@ -135,3 +135,9 @@ def test_slurm_profile_resolves_the_paper_dag_with_gpu_resources():
     assert "gpu=8" in pretrain and "nodes=1" in pretrain
     assert "torchrun --standalone --nproc_per_node=8 -m vclr train pretrain" in render_dvc_yaml(
         "config/paper.yaml", "pipelines/paper/dvc.yaml")
+
+
+def test_snakemake_lint_is_clean():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "good condition" in result.stdout + result.stderr, result.stdout

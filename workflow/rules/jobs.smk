@@ -11,6 +11,9 @@ for _job in JOBS:
         log:
             _job.log,
         threads: _job.threads
+        conda:
+            # the pinned environment of the whole suite (used with --sdm conda)
+            "../../environment.yml"
         resources:
             **_job.resources,
         params:
