@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "pretrain"): ("vclr.bench.pretrain", "videos/s of the VCLR training step per mode"),
     ("train", "pretrain"): ("vclr.train.pretrain", "VCLR pretraining (resumable)"),
     ("eval", "features"): ("vclr.evaluate.features", "frozen-backbone video features (30 frames, centre crop)"),
+    ("eval", "linear-probe"): ("vclr.evaluate.linear_probe", "linear SVM (liblinear primal, C=1) on frozen features"),
     ("eval", "retrieval"): ("vclr.evaluate.retrieval", "nearest-neighbour retrieval R@k: test queries, train gallery"),
 }
 

@@ -156,6 +156,41 @@ def load_features(path: str | os.PathLike) -> dict:
             "labels": labels.astype(np.int64), "provenance": provenance}
 
 
+def load_feature_pair(train_path: str | os.PathLike, test_path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """(train, test, class names by label) of two feature files that must come from the same
+    backbone and extraction settings (a VclrError names both files and the differing key)."""
+    train, test = load_features(train_path), load_features(test_path)
+    for field in ("backbone", "checkpoint_sha256", "checkpoint", "num_frames", "crop"):
+        if train["provenance"].get(field) != test["provenance"].get(field):
+            raise VclrError(f"{train_path} and {test_path}: provenance key {field!r} differs "
+                            f"({train['provenance'].get(field)!r} vs {test['provenance'].get(field)!r}); "
+                            f"both splits must come from the same backbone and extraction")
+    names = {int(k): v for source in (train, test)
+             for k, v in source["provenance"].get("class_names", {}).items()}
+    return train, test, names
+
+
+def check_labelled_splits(train_features, train_labels, test_features, test_labels,
+                          class_names: dict[int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Both splits non-empty, labelled, features and labels in step, and every test class present
+    in the train split (else no evaluation can get it right); returns the labels as arrays."""
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    for split, features, labels in (("train", train_features, train_labels),
+                                    ("test", test_features, test_labels)):
+        if len(features) == 0:
+            raise VclrError(f"{split} split is empty: no videos to evaluate")
+        if len(features) != len(labels):
+            raise VclrError(f"{split}: features ({len(features)}) and labels ({len(labels)}) out of step")
+        if (labels < 0).any():
+            raise VclrError(f"{split}: {int((labels < 0).sum())} videos without a label (-1)")
+    names = class_names or {}
+    absent = sorted(set(test_labels.tolist()) - set(train_labels.tolist()))
+    if absent:
+        listed = ", ".join(f"{names.get(label, '?')!r} (label {label})" for label in absent)
+        raise VclrError(f"test classes missing from the train split: {listed}")
+    return train_labels, test_labels
+
+
 def features_for_split(backbone_name: str, checkpoint: str, index_csv: str | os.PathLike,
                        frames_dir: str | os.PathLike, out: str | os.PathLike, num_frames: int = 30,
                        crop: int = 224, batch_size: int = 240, device: str = "cpu", seed: int = 0,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vclr.errors import VclrError
-from vclr.evaluate.features import load_features
+from vclr.evaluate.features import check_labelled_splits, load_feature_pair
 from vclr.io_utils import atomic_write_json
 
 KS = (1, 5, 10, 20, 50)
@@ -52,20 +52,9 @@ def retrieval_metrics(train_features: np.ndarray, train_labels: np.ndarray, test
                       test_labels: np.ndarray, ks: Sequence[int] = KS, chunk_size: int = 1024,
                       class_names: dict[int, str] | None = None, device: str | torch.device = "cpu") -> dict:
     """{"recall": {"R@k": value}, "k_effective", "per_class_r1": {name: value}, "counts"}."""
-    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
-    for split, features, labels in (("train", train_features, train_labels),
-                                    ("test", test_features, test_labels)):
-        if len(features) == 0:
-            raise VclrError(f"{split} split is empty: no videos to retrieve {'from' if split == 'train' else 'with'}")
-        if len(features) != len(labels):
-            raise VclrError(f"{split}: features ({len(features)}) and labels ({len(labels)}) out of step")
-        if (labels < 0).any():
-            raise VclrError(f"{split}: {int((labels < 0).sum())} videos without a label (-1)")
+    train_labels, test_labels = check_labelled_splits(train_features, train_labels, test_features,
+                                                      test_labels, class_names)
     names = class_names or {}
-    absent = sorted(set(test_labels.tolist()) - set(train_labels.tolist()))
-    if absent:
-        listed = ", ".join(f"{names.get(label, '?')!r} (label {label})" for label in absent)
-        raise VclrError(f"test classes missing from the train split (no gallery video can match): {listed}")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise VclrError(f"k values must be positive, got {ks}")
@@ -88,14 +77,7 @@ def retrieval_metrics(train_features: np.ndarray, train_labels: np.ndarray, test
 def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
                    ks: Sequence[int] = KS, chunk_size: int = 1024, device: str = "cpu") -> dict:
     """Retrieval metrics of two feature files, written to `out` (JSON) with both files' provenance."""
-    train, test = load_features(train_path), load_features(test_path)
-    for field in ("backbone", "checkpoint_sha256", "checkpoint", "num_frames", "crop"):
-        if train["provenance"].get(field) != test["provenance"].get(field):
-            raise VclrError(f"{train_path} and {test_path}: provenance key {field!r} differs "
-                            f"({train['provenance'].get(field)!r} vs {test['provenance'].get(field)!r}); "
-                            f"both splits must come from the same backbone and extraction")
-    names = {int(k): v for source in (train, test)
-             for k, v in source["provenance"].get("class_names", {}).items()}
+    train, test, names = load_feature_pair(train_path, test_path)
     try:
         metrics = retrieval_metrics(train["features"], train["labels"], test["features"], test["labels"], ks,
                                     chunk_size, names, device)

@@ -1,0 +1,93 @@
+"""Linear probe: an L2-regularised L2-loss linear SVM in the primal, C = 1 (liblinear `-s 2`, the
+paper's solver: scikit-learn's LinearSVC(dual=False)), trained on frozen train-split features and
+scored on the test split: top-1, top-5 and mean class accuracy.
+
+Top-k ranks the one-vs-rest decision values; equal values keep the classifier's class order (stable
+sort), so the result never depends on the sort algorithm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.svm import LinearSVC
+
+from vclr.errors import VclrError
+from vclr.evaluate.features import check_labelled_splits, load_feature_pair
+from vclr.io_utils import atomic_write_json
+
+TOPK = (1, 5)
+
+
+def topk_accuracy(scores: np.ndarray, classes: np.ndarray, labels: np.ndarray, ks: Sequence[int] = TOPK) -> dict:
+    """{"top{k}": fraction of rows whose label is among the k highest-scoring classes}."""
+    ranked = classes[np.argsort(-scores, axis=1, kind="stable")]
+    hits = ranked == labels[:, None]
+    return {f"top{k}": float(hits[:, : min(k, ranked.shape[1])].any(axis=1).mean()) for k in ks}
+
+
+def mean_class_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy averaged over the classes present in `labels` (each class weighs the same)."""
+    return float(np.mean([(predicted[labels == c] == c).mean() for c in np.unique(labels)]))
+
+
+def linear_probe_metrics(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
+                         C: float = 1.0, class_names: dict[int, str] | None = None) -> dict:
+    train_labels, test_labels = check_labelled_splits(train_features, train_labels, test_features,
+                                                      test_labels, class_names)
+    if len(np.unique(train_labels)) < 2:
+        raise VclrError("train split: a linear classifier needs at least two classes")
+    started = time.perf_counter()
+    classifier = LinearSVC(C=C, dual=False)  # liblinear's primal L2-regularised L2-loss SVM
+    classifier.fit(train_features, train_labels)
+    fit_seconds = time.perf_counter() - started
+    scores = classifier.decision_function(test_features)
+    if scores.ndim == 1:  # two classes: one decision value, positive for classes_[1]
+        scores = np.stack([-scores, scores], axis=1)
+    predicted = classifier.classes_[np.argmax(scores, axis=1)]
+    return {
+        "accuracy": {**topk_accuracy(scores, classifier.classes_, test_labels),
+                     "mean_class": mean_class_accuracy(predicted, test_labels)},
+        "classifier": {"kind": "LinearSVC(dual=False)", "C": C, "solver": "liblinear -s 2",
+                       "fit_seconds": fit_seconds},
+        "counts": {"train": len(train_labels), "test": len(test_labels),
+                   "classes": int(len(classifier.classes_))},
+    }
+
+
+def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
+                   C: float = 1.0) -> dict:
+    """Probe metrics of two feature files, written to `out` (JSON) with both files' provenance."""
+    train, test, names = load_feature_pair(train_path, test_path)
+    try:
+        metrics = linear_probe_metrics(train["features"], train["labels"], test["features"],
+                                       test["labels"], C, names)
+    except VclrError as error:
+        raise VclrError(f"{train_path} / {test_path}: {error}") from None
+    metrics["train"] = {"file": str(Path(train_path).resolve()), **train["provenance"]}
+    metrics["test"] = {"file": str(Path(test_path).resolve()), **test["provenance"]}
+    atomic_write_json(out, metrics)
+    return metrics
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, type=Path, help="train-split features (.npz, vclr eval features)")
+    parser.add_argument("--test", required=True, type=Path, help="evaluation-split features (.npz)")
+    parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
+    parser.add_argument("--C", type=float, default=1.0, help="SVM regularisation (the paper: 1.0)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.C <= 0:
+        raise VclrError(f"--C must be positive, got {args.C}")
+    metrics = evaluate_files(args.train, args.test, args.out, args.C)
+    accuracy = metrics["accuracy"]
+    print(f"top1 {100 * accuracy['top1']:.1f}  top5 {100 * accuracy['top5']:.1f}  "
+          f"mean class {100 * accuracy['mean_class']:.1f}  ({metrics['counts']['train']} train, "
+          f"{metrics['counts']['test']} test) -> {args.out}")
+    return 0
