@@ -11,7 +11,11 @@ from sklearn.svm import LinearSVC
 from vclr import cli
 from vclr.errors import VclrError
 from vclr.evaluate.features import save_features
-from vclr.evaluate.linear_probe import linear_probe_metrics, mean_class_accuracy, topk_accuracy
+from vclr.evaluate.linear_probe import (
+    linear_probe_metrics,
+    mean_class_accuracy,
+    topk_accuracy,
+)
 
 
 def test_topk_accuracy_hand_computed_with_ties():

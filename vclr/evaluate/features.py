@@ -27,7 +27,12 @@ from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames
 from vclr.errors import VclrError
 from vclr.io_utils import atomic_open
-from vclr.models.backbones import BACKBONES, build_backbone, copy_checked, read_checkpoint_file
+from vclr.models.backbones import (
+    BACKBONES,
+    build_backbone,
+    copy_checked,
+    read_checkpoint_file,
+)
 from vclr.train.checkpoint import CHECKPOINT_FORMAT
 
 FEATURES_FORMAT = "vclr-features/1"
