@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "extract"): ("vclr.bench.extract", "extraction frames/s against the ffmpeg command line"),
     ("bench", "reads"): ("vclr.bench.reads", "random frame reads: packed shards against loose JPEGs"),
     ("bench", "filecount"): ("vclr.bench.filecount", "files DVC would track for the paper's K400 layout"),
+    ("bench", "retrieval"): ("vclr.bench.retrieval", "UCF101-sized retrieval vs scikit-learn; linear-probe cost"),
     ("bench", "pretrain"): ("vclr.bench.pretrain", "videos/s of the VCLR training step per mode"),
     ("train", "pretrain"): ("vclr.train.pretrain", "VCLR pretraining (resumable)"),
     ("eval", "features"): ("vclr.evaluate.features", "frozen-backbone video features (30 frames, centre crop)"),

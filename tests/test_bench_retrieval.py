@@ -1,0 +1,20 @@
+"""`vclr bench retrieval` runs on small shapes and reports both sides (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from vclr import cli
+
+
+def test_bench_retrieval_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "retrieval", "--queries", "40", "--gallery", "120", "--dim", "32", "--rounds", "2",
+            "--probe-sizes", "400,800", "--probe-target", "240000", "--out-json", str(out)]
+    assert cli.main(argv) == 0
+    results = json.loads(out.read_text())
+    retrieval = results["retrieval"]
+    assert set(retrieval["median_seconds"]) == {"ours", "sklearn"}
+    assert retrieval["top_k_agreement"] > 0.99  # both sides rank the same gallery videos
+    probe = results["linear_probe"]
+    assert [m["n"] for m in probe["measured"]] == [400, 800] and probe["estimated_seconds"] > 0
