@@ -171,3 +171,22 @@ def test_load_backbone_sources(tmp_path):
         load_backbone(tmp_path / "backbone.pt", "resnet18")
     with pytest.raises(VclrError, match="not found"):
         load_backbone(tmp_path / "absent.pt", "resnet_tiny")
+
+
+def test_top_k_is_stable_when_ties_cross_the_candidate_boundary():
+    # 200 identical gallery videos: every similarity ties, far beyond k + TIE_MARGIN candidates.
+    gallery = np.ones((200, 4), dtype=np.float32)
+    assert nearest_gallery(np.ones((2, 4), dtype=np.float32), gallery, 5).tolist() == [[0, 1, 2, 3, 4]] * 2
+    # Ties inside the candidates: a later-index exact duplicate of the best match ranks after it.
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(300, 8)).astype(np.float32)
+    gallery[250] = gallery[17]
+    query = gallery[17:18] * 3
+    ranked = nearest_gallery(query, gallery, 10)[0].tolist()
+    assert ranked[:2] == [17, 250]
+    # and the fast path equals a full stable sort everywhere
+    queries = rng.normal(size=(20, 8)).astype(np.float32)
+    similarity = torch.nn.functional.normalize(torch.from_numpy(queries), dim=1) @ \
+        torch.nn.functional.normalize(torch.from_numpy(gallery), dim=1).T
+    reference = torch.sort(-similarity, dim=1, stable=True).indices[:, :50].numpy()
+    assert (nearest_gallery(queries, gallery, 50) == reference).all()

@@ -42,10 +42,29 @@ def nearest_gallery(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | to
     ranked = []
     for start in range(0, queries.shape[0], chunk_size):
         similarity = queries[start:start + chunk_size] @ gallery.T
-        # Stable sort of -similarity: equal similarities keep gallery order. topk gives no such promise.
-        order = torch.sort(-similarity, dim=1, stable=True).indices[:, :k]
-        ranked.append(order.cpu())
+        ranked.append(_top_k_stable(similarity, k).cpu())
     return torch.cat(ranked).numpy()
+
+
+TIE_MARGIN = 64
+
+
+def _top_k_stable(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most similar gallery indices per row, equal similarities in gallery order.
+
+    torch.topk is fast but makes no promise about ties, so it only picks candidates: k + TIE_MARGIN
+    of them, put back in gallery order and then stably sorted by similarity. That is exact unless a
+    tie crosses the candidates' boundary (the last candidate equals the k-th value); such a block
+    falls back to a full stable sort.
+    """
+    candidates = min(similarity.shape[1], k + TIE_MARGIN)
+    values, indices = torch.topk(similarity, candidates, dim=1)
+    if candidates < similarity.shape[1] and bool((values[:, -1] == values[:, k - 1]).any()):
+        return torch.sort(-similarity, dim=1, stable=True).indices[:, :k]
+    indices = torch.sort(indices, dim=1).values  # gallery order first ...
+    values = torch.gather(similarity, 1, indices)
+    order = torch.sort(-values, dim=1, stable=True).indices  # ... so a stable sort keeps it in ties
+    return torch.gather(indices, 1, order)[:, :k]
 
 
 def retrieval_metrics(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
