@@ -18,8 +18,7 @@ import numpy as np
 from sklearn.svm import LinearSVC
 
 from vclr.errors import VclrError
-from vclr.evaluate.features import check_labelled_splits, load_feature_pair
-from vclr.io_utils import atomic_write_json
+from vclr.evaluate.features import check_labelled_splits, evaluate_feature_files
 
 TOPK = (1, 5)
 
@@ -63,16 +62,9 @@ def linear_probe_metrics(train_features: np.ndarray, train_labels, test_features
 def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
                    C: float = 1.0) -> dict:
     """Probe metrics of two feature files, written to `out` (JSON) with both files' provenance."""
-    train, test, names = load_feature_pair(train_path, test_path)
-    try:
-        metrics = linear_probe_metrics(train["features"], train["labels"], test["features"],
-                                       test["labels"], C, names)
-    except VclrError as error:
-        raise VclrError(f"{train_path} / {test_path}: {error}") from None
-    metrics["train"] = {"file": str(Path(train_path).resolve()), **train["provenance"]}
-    metrics["test"] = {"file": str(Path(test_path).resolve()), **test["provenance"]}
-    atomic_write_json(out, metrics)
-    return metrics
+    return evaluate_feature_files(
+        train_path, test_path, out,
+        lambda *splits: linear_probe_metrics(*splits[:4], C=C, class_names=splits[4]))
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

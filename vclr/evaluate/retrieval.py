@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from vclr.errors import VclrError
-from vclr.evaluate.features import check_labelled_splits, load_feature_pair
-from vclr.io_utils import atomic_write_json
+from vclr.evaluate.features import check_labelled_splits, evaluate_feature_files
 
 KS = (1, 5, 10, 20, 50)
 
@@ -96,16 +95,9 @@ def retrieval_metrics(train_features: np.ndarray, train_labels: np.ndarray, test
 def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
                    ks: Sequence[int] = KS, chunk_size: int = 1024, device: str = "cpu") -> dict:
     """Retrieval metrics of two feature files, written to `out` (JSON) with both files' provenance."""
-    train, test, names = load_feature_pair(train_path, test_path)
-    try:
-        metrics = retrieval_metrics(train["features"], train["labels"], test["features"], test["labels"], ks,
-                                    chunk_size, names, device)
-    except VclrError as error:
-        raise VclrError(f"{train_path} / {test_path}: {error}") from None
-    metrics["train"] = {"file": str(Path(train_path).resolve()), **train["provenance"]}
-    metrics["test"] = {"file": str(Path(test_path).resolve()), **test["provenance"]}
-    atomic_write_json(out, metrics)
-    return metrics
+    return evaluate_feature_files(
+        train_path, test_path, out,
+        lambda *splits: retrieval_metrics(*splits[:4], ks, chunk_size, splits[4], device))
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
