@@ -69,21 +69,13 @@ def make_audio_only(path: Path) -> Path:
     return path
 
 
+def extract_argv(videos: Path, out: Path, *flags: str) -> list[str]:
+    return ["data", "extract", "--dataset", "toy", "--videos", str(videos), "--out", str(out),
+            "--no-progress", *flags]
+
+
 def extract(videos: Path, out: Path, *flags: str) -> int:
-    return cli_main(
-        [
-            "data",
-            "extract",
-            "--dataset",
-            "toy",
-            "--videos",
-            str(videos),
-            "--out",
-            str(out),
-            "--no-progress",
-            *flags,
-        ]
-    )
+    return cli_main(extract_argv(videos, out, *flags))
 
 
 def mean_value(frames: PackedFrames, key: str, i: int) -> float:
@@ -137,22 +129,13 @@ def test_round_trip_avi_mp4_webm(tmp_path, capsys):
 def test_exact_size_and_portrait_short_side(tmp_path):
     make_video(tmp_path / "videos/wide.avi", 3)
     make_video(tmp_path / "videos/tall.avi", 3, size=(48, 64))
-    assert extract(tmp_path / "videos", tmp_path / "exact", "--size", "20x10") == 0
-    assert {
-        k: (v["width"], v["height"])
-        for k, v in read_manifest(tmp_path / "exact")["videos"].items()
-    } == {
-        "wide": (20, 10),
-        "tall": (20, 10),
-    }
-    assert extract(tmp_path / "videos", tmp_path / "short", "--short-side", "36") == 0
-    assert {
-        k: (v["width"], v["height"])
-        for k, v in read_manifest(tmp_path / "short")["videos"].items()
-    } == {
-        "wide": (48, 36),
-        "tall": (36, 48),
-    }
+
+    def sizes(name: str, *flags: str) -> dict[str, tuple[int, int]]:
+        assert extract(tmp_path / "videos", tmp_path / name, *flags) == 0
+        return {k: (v["width"], v["height"]) for k, v in read_manifest(tmp_path / name)["videos"].items()}
+
+    assert sizes("exact", "--size", "20x10") == {"wide": (20, 10), "tall": (20, 10)}
+    assert sizes("short", "--short-side", "36") == {"wide": (48, 36), "tall": (36, 48)}
 
 
 def true_last_frame(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -202,29 +185,19 @@ def test_num_frames_pads_with_the_true_last_frame_and_cuts_long_videos(tmp_path)
 
 def test_fps_resampling_picks_nearest_source_frames(tmp_path):
     make_video(tmp_path / "videos/clip.avi", 30, fps=30)  # 1 s
-    assert (
-        extract(
-            tmp_path / "videos", tmp_path / "down", "--short-side", "24", "--fps", "10"
-        )
-        == 0
-    )
-    frames = PackedFrames(tmp_path / "down")
-    assert frames.num_frames("clip") == 10
-    assert [round((mean_value(frames, "clip", k) - 16) / 8) for k in range(10)] == [
-        3 * k for k in range(10)
-    ]
-    assert (
-        extract(
-            tmp_path / "videos", tmp_path / "up", "--short-side", "24", "--fps", "60"
-        )
-        == 0
-    )
-    frames = PackedFrames(tmp_path / "up")
-    assert frames.num_frames("clip") == 60
-    assert frames.read_jpeg("clip", 40) == frames.read_jpeg(
-        "clip", 41
-    )  # source frame 20 twice
-    assert abs(mean_value(frames, "clip", 41) - frame_value(20)) < 4
+
+    def resampled(fps: str) -> PackedFrames:
+        out = tmp_path / f"fps{fps}"
+        assert extract(tmp_path / "videos", out, "--short-side", "24", "--fps", fps) == 0
+        return PackedFrames(out)
+
+    down = resampled("10")
+    assert down.num_frames("clip") == 10
+    assert [round((mean_value(down, "clip", k) - 16) / 8) for k in range(10)] == [3 * k for k in range(10)]
+    up = resampled("60")
+    assert up.num_frames("clip") == 60
+    assert up.read_jpeg("clip", 40) == up.read_jpeg("clip", 41)  # source frame 20 twice
+    assert abs(mean_value(up, "clip", 41) - frame_value(20)) < 4
 
 
 def test_undecodable_videos_are_recorded_as_failed_and_the_run_succeeds(
@@ -326,27 +299,9 @@ def test_new_videos_rebuild_their_shard_and_equal_a_fresh_run(tmp_path, capsys):
 
 
 def run_cli(videos: Path, out: Path, *flags: str, **kwargs):
-    command = [
-        sys.executable,
-        "-m",
-        "vclr",
-        "data",
-        "extract",
-        "--dataset",
-        "toy",
-        "--videos",
-        str(videos),
-    ]
-    command += [
-        "--out",
-        str(out),
-        "--short-side",
-        "24",
-        "--shards",
-        "4",
-        "--no-progress",
-        *flags,
-    ]
+    """The same command in a real subprocess (short side 24, 4 shards unless `flags` override)."""
+    command = [sys.executable, "-m", "vclr",
+               *extract_argv(videos, out, "--short-side", "24", "--shards", "4", *flags)]
     return subprocess.Popen(
         command,
         cwd=REPO,
