@@ -1,1 +1,1 @@
-"""evaluate"""
+"""Frozen-feature evaluations: features, retrieval, linear probe."""

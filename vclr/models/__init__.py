@@ -1,1 +1,1 @@
-"""models"""
+"""Backbones, the VCLR model (heads, momentum encoder, queues)."""

@@ -1,1 +1,1 @@
-"""train"""
+"""Pretraining loop, losses, schedule, checkpoints, distributed helpers."""
