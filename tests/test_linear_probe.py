@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from sklearn.svm import LinearSVC
 
 from vclr import cli
 from vclr.errors import VclrError
-from vclr.evaluate.features import save_features
+from vclr.evaluate.features import file_sha256, save_features
 from vclr.evaluate.linear_probe import (
+    evaluate_files,
     linear_probe_metrics,
     mean_class_accuracy,
     topk_accuracy,
 )
+from vclr.evaluate.record import PACKAGE_DIR
 
 
 def test_topk_accuracy_hand_computed_with_ties():
@@ -71,19 +71,42 @@ def test_two_classes_and_bad_input():
         linear_probe_metrics(train[:5], np.zeros(5, dtype=int), train[:2], np.zeros(2, dtype=int))
 
 
-def test_cli_writes_metrics_with_provenance(tmp_path):
+def test_cli_writes_metrics_record(tmp_path):
+    from vclr.config import config_hash, load_config
+    from vclr.evaluate.record import dvc_file_md5, read_metrics_record
+
     rng = np.random.default_rng(2)
     train, train_labels = _blobs(rng, 10, np.eye(3) * 4)
     test, test_labels = _blobs(rng, 5, np.eye(3) * 4)
-    provenance = {"format": "vclr-features/1", "backbone": "resnet_tiny", "checkpoint": "random",
-                  "checkpoint_sha256": None, "num_frames": 30, "crop": 224}
-    save_features(tmp_path / "train.npz", train, [f"a{i}" for i in range(30)], train_labels, provenance)
-    save_features(tmp_path / "test.npz", test, [f"b{i}" for i in range(15)], test_labels, provenance)
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "summary.json").write_text('{"dataset": "k400"}')
+    for split in ("train", "val"):
+        (index / f"{split}.csv").write_text("video_id\n")
+    checkpoint = tmp_path / "backbone.pt"
+    checkpoint.write_bytes(b"weights")
+    provenance = {"format": "vclr-features/1", "backbone": "resnet_tiny", "checkpoint": str(checkpoint),
+                  "checkpoint_sha256": file_sha256(checkpoint), "num_frames": 30, "crop": 224}
+    save_features(tmp_path / "train.npz", train, [f"a{i}" for i in range(30)], train_labels,
+                  {**provenance, "index": str(index / "train.csv")})
+    save_features(tmp_path / "test.npz", test, [f"b{i}" for i in range(15)], test_labels,
+                  {**provenance, "index": str(index / "val.csv")})
     out = tmp_path / "probe.json"
+    config = PACKAGE_DIR.parent / "config" / "config.yaml"
     argv = ["eval", "linear-probe", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
-            "--out", str(out)]
+            "--out", str(out), "--config", str(config)]
     assert cli.main(argv) == 0
-    metrics = json.loads(out.read_text())
-    assert metrics["accuracy"]["top1"] == 1.0 and metrics["classifier"]["C"] == 1.0
-    assert metrics["train"]["backbone"] == "resnet_tiny"
-    assert cli.main(argv[:-2] + ["--out", str(out), "--C", "0"]) == 2
+    record = read_metrics_record(out)
+    assert record["metrics"]["accuracy"]["top1"] == 1.0 and record["metrics"]["classifier"]["C"] == 1.0
+    assert (record["task"], record["dataset"], record["split"], record["protocol"]) == (
+        "linear_probe", "k400", "val", "svm_30frames")
+    loaded = load_config(config)
+    assert (record["seed"], record["profile"], record["config"]["hash"]) == (
+        loaded["seed"], loaded["profile"], config_hash(loaded))
+    assert record["checkpoint"]["dvc_md5"] == dvc_file_md5(checkpoint)
+    assert record["extra"]["train"]["backbone"] == "resnet_tiny"
+    assert cli.main(argv[:-2] + ["--C", "0"]) == 2
+    assert cli.main(argv + ["--profile", "paper"]) == 2  # the config is the tiny profile
+    checkpoint.write_bytes(b"retrained")  # the features no longer match the checkpoint
+    with pytest.raises(VclrError, match="changed since these features were extracted"):
+        evaluate_files(tmp_path / "train.npz", tmp_path / "test.npz", out)

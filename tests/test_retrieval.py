@@ -82,23 +82,45 @@ def _provenance(**changes):
             "index": "i.csv", "num_frames": 30, "crop": 224, **changes}
 
 
+def _index(root):
+    """An index folder as `vclr data index` writes it (summary.json names the dataset)."""
+    root.mkdir()
+    (root / "summary.json").write_text('{"dataset": "ucf101", "classes": 3, "splits": {}}\n')
+    for split in ("train", "test"):
+        (root / f"{split}.csv").write_text("video_id,label,label_name,status,frames,shard,duration,segments\n")
+    return root
+
+
 def test_feature_file_round_trip_and_cli(tmp_path):
+    from vclr.evaluate.record import dvc_dir_md5, read_metrics_record
+
+    index = _index(tmp_path / "index")
     train, test = tmp_path / "train.npz", tmp_path / "test.npz"
     save_features(train, GALLERY, [f"g{i}" for i in range(5)], GALLERY_LABELS,
-                  _provenance(class_names={"0": "zero", "1": "one", "2": "two"}))
-    save_features(test, QUERIES, [f"q{i}" for i in range(4)], QUERY_LABELS, _provenance())
+                  _provenance(class_names={"0": "zero", "1": "one", "2": "two"}, index=str(index / "train.csv")))
+    save_features(test, QUERIES, [f"q{i}" for i in range(4)], QUERY_LABELS, _provenance(index=str(index / "test.csv")))
     loaded = load_features(train)
     assert loaded["video_ids"] == ["g0", "g1", "g2", "g3", "g4"] and loaded["provenance"]["crop"] == 224
     out = tmp_path / "metrics.json"
     assert cli.main(["eval", "retrieval", "--train", str(train), "--test", str(test), "--out", str(out),
-                     "--chunk-size", "2"]) == 0
-    metrics = json.loads(out.read_text())
+                     "--chunk-size", "2", "--seed", "3", "--protocol", "knn_cosine_split1"]) == 0
+    record = read_metrics_record(out)
+    metrics = record["metrics"]
     assert metrics["recall"]["R@1"] == 0.5 and metrics["recall"]["R@5"] == 1.0
     assert metrics["k"] == [1, 5, 10, 20, 50] and metrics["per_class_r1"] == {"one": 0.5, "two": 0.5}
-    assert metrics["train"]["file"] == str(train.resolve()) and metrics["test"]["num_frames"] == 30
+    assert (record["task"], record["dataset"], record["split"], record["protocol"], record["seed"]) == (
+        "retrieval", "ucf101", "test", "knn_cosine_split1", 3)
+    assert record["data_index"]["dvc_md5"] == dvc_dir_md5(index) and record["config"]["hash"] is None
+    assert record["checkpoint"] == {"path": "random:seed=0", "dvc_md5": None,
+                                    "reason": "random initialisation, no file"}
+    assert record["extra"]["train"]["file"] == str(train.resolve()) and record["extra"]["test"]["num_frames"] == 30
 
+    save_features(test, QUERIES, [f"q{i}" for i in range(4)], QUERY_LABELS,
+                  _provenance(index=str(tmp_path / "gone.csv")))
+    assert cli.main(["eval", "retrieval", "--train", str(train), "--test", str(test), "--out", str(out)]) == 2
     save_features(test, QUERIES, [f"q{i}" for i in range(4)], QUERY_LABELS, _provenance(crop=112))
     assert cli.main(["eval", "retrieval", "--train", str(train), "--test", str(test), "--out", str(out)]) == 2
+    assert read_metrics_record(out)["seed"] == 3  # failed runs left the record alone
     np.savez(test, features=QUERIES, video_ids=np.array(["a", "b", "c"]), labels=QUERY_LABELS,
              provenance=np.asarray(json.dumps({"format": "vclr-features/1"})))
     with pytest.raises(VclrError, match="out of step"):

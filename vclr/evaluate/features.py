@@ -175,21 +175,6 @@ def load_feature_pair(train_path: str | os.PathLike, test_path: str | os.PathLik
     return train, test, names
 
 
-def evaluate_feature_files(train_path: str | os.PathLike, test_path: str | os.PathLike,
-                           out: str | os.PathLike, metrics_fn) -> dict:
-    """metrics_fn(train_features, train_labels, test_features, test_labels, class_names) on two
-    feature files, written to `out` (JSON) with both files' provenance; errors name both files."""
-    train, test, names = load_feature_pair(train_path, test_path)
-    try:
-        metrics = metrics_fn(train["features"], train["labels"], test["features"], test["labels"], names)
-    except VclrError as error:
-        raise VclrError(f"{train_path} / {test_path}: {error}") from None
-    metrics["train"] = {"file": str(Path(train_path).resolve()), **train["provenance"]}
-    metrics["test"] = {"file": str(Path(test_path).resolve()), **test["provenance"]}
-    atomic_write_json(out, metrics)
-    return metrics
-
-
 def check_labelled_splits(train_features, train_labels, test_features, test_labels,
                           class_names: dict[int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Both splits non-empty, labelled, features and labels in step, and every test class present

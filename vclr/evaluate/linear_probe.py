@@ -3,7 +3,8 @@ paper's solver: scikit-learn's LinearSVC(dual=False)), trained on frozen train-s
 scored on the test split: top-1, top-5 and mean class accuracy.
 
 Top-k ranks the one-vs-rest decision values; equal values keep the classifier's class order (stable
-sort), so the result never depends on the sort algorithm.
+sort), so the result never depends on the sort algorithm. The metrics go into a metrics record
+(vclr.evaluate.record).
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import numpy as np
 from sklearn.svm import LinearSVC
 
 from vclr.errors import VclrError
-from vclr.evaluate.features import check_labelled_splits, evaluate_feature_files
+from vclr.evaluate.features import check_labelled_splits
+from vclr.evaluate.record import (
+    add_provenance_arguments,
+    identity_from_args,
+    write_feature_evaluation,
+)
 
 TOPK = (1, 5)
 
@@ -55,16 +61,21 @@ def linear_probe_metrics(train_features: np.ndarray, train_labels, test_features
         "classifier": {"kind": "LinearSVC(dual=False)", "C": C, "solver": "liblinear -s 2",
                        "fit_seconds": fit_seconds},
         "counts": {"train": len(train_labels), "test": len(test_labels),
-                   "classes": int(len(classifier.classes_))},
+                   "classes": len(classifier.classes_)},
     }
 
 
 def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
-                   C: float = 1.0) -> dict:
-    """Probe metrics of two feature files, written to `out` (JSON) with both files' provenance."""
-    return evaluate_feature_files(
+                   C: float = 1.0, protocol: str | None = None, **identity) -> dict:
+    """Probe metrics of two feature files, written to `out` as a metrics record (its `metrics` hold
+    accuracy, classifier, counts; extra.train / extra.test the two files' provenance); returns it.
+    The protocol defaults to svm_<num_frames>frames (the name in spec/reference_results.csv);
+    `identity`: config_path, seed, profile, dataset, split (record.write_feature_evaluation)."""
+    return write_feature_evaluation(
         train_path, test_path, out,
-        lambda *splits: linear_probe_metrics(*splits[:4], C=C, class_names=splits[4]))
+        lambda *splits: linear_probe_metrics(*splits[:4], C=C, class_names=splits[4]), task="linear_probe",
+        protocol=protocol or (lambda provenance: f"svm_{provenance.get('num_frames', 'unknown')}frames"),
+        **identity)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -72,12 +83,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", required=True, type=Path, help="evaluation-split features (.npz)")
     parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
     parser.add_argument("--C", type=float, default=1.0, help="SVM regularisation (the paper: 1.0)")
+    add_provenance_arguments(parser, "protocol name for the record (default svm_<num_frames>frames, "
+                                     "the paper's: svm_30frames)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.C <= 0:
         raise VclrError(f"--C must be positive, got {args.C}")
-    metrics = evaluate_files(args.train, args.test, args.out, args.C)
+    metrics = evaluate_files(args.train, args.test, args.out, args.C, **identity_from_args(args))["metrics"]
     accuracy = metrics["accuracy"]
     print(f"top1 {100 * accuracy['top1']:.1f}  top5 {100 * accuracy['top5']:.1f}  "
           f"mean class {100 * accuracy['mean_class']:.1f}  ({metrics['counts']['train']} train, "

@@ -4,7 +4,7 @@ R@k is the fraction of queries whose k nearest gallery videos hold at least one 
 class; k in (1, 5, 10, 20, 50), plus R@1 per class. Ties in similarity are broken by gallery position
 (the earlier train video ranks first, a stable sort), so the result never depends on the sort
 algorithm or on how the queries were chunked. A k larger than the gallery is clamped to its size
-(reported as `k_effective`).
+(reported as `k_effective`). The metrics go into a metrics record (vclr.evaluate.record).
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ import numpy as np
 import torch
 
 from vclr.errors import VclrError
-from vclr.evaluate.features import check_labelled_splits, evaluate_feature_files
+from vclr.evaluate.features import check_labelled_splits
+from vclr.evaluate.record import (
+    add_provenance_arguments,
+    identity_from_args,
+    write_feature_evaluation,
+)
 
 KS = (1, 5, 10, 20, 50)
+PROTOCOL = "knn_cosine"  # the name in spec/reference_results.csv is knn_cosine_split<N>: pass --protocol
 
 
 def nearest_gallery(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int,
@@ -93,11 +99,15 @@ def retrieval_metrics(train_features: np.ndarray, train_labels: np.ndarray, test
 
 
 def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
-                   ks: Sequence[int] = KS, chunk_size: int = 1024, device: str = "cpu") -> dict:
-    """Retrieval metrics of two feature files, written to `out` (JSON) with both files' provenance."""
-    return evaluate_feature_files(
+                   ks: Sequence[int] = KS, chunk_size: int = 1024, device: str = "cpu",
+                   protocol: str | None = None, **identity) -> dict:
+    """Retrieval metrics of two feature files, written to `out` as a metrics record (its `metrics`
+    hold recall, per_class_r1, ...; extra.train / extra.test the two files' provenance); returns it.
+    `identity`: config_path, seed, profile, dataset, split (record.write_feature_evaluation)."""
+    return write_feature_evaluation(
         train_path, test_path, out,
-        lambda *splits: retrieval_metrics(*splits[:4], ks, chunk_size, splits[4], device))
+        lambda *splits: retrieval_metrics(*splits[:4], ks, chunk_size, splits[4], device),
+        task="retrieval", protocol=protocol or PROTOCOL, **identity)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +116,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
     parser.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_provenance_arguments(parser, f"protocol name for the record (default {PROTOCOL}; the paper's "
+                                     f"UCF101/HMDB51 rows: knn_cosine_split1)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -113,7 +125,9 @@ def main(args: argparse.Namespace) -> int:
         raise VclrError(f"--chunk-size must be positive, got {args.chunk_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VclrError("--device cuda requested but no CUDA device is available")
-    metrics = evaluate_files(args.train, args.test, args.out, KS, args.chunk_size, args.device)
+    record = evaluate_files(args.train, args.test, args.out, KS, args.chunk_size, args.device,
+                            **identity_from_args(args))
+    metrics = record["metrics"]
     print("  ".join(f"{name} {100 * value:.1f}" for name, value in metrics["recall"].items())
           + f"  ({metrics['counts']['queries']} queries, {metrics['counts']['gallery']} gallery) -> {args.out}")
     return 0
