@@ -26,10 +26,14 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "filecount"): ("vclr.bench.filecount", "files DVC would track for the paper's K400 layout"),
     ("bench", "retrieval"): ("vclr.bench.retrieval", "UCF101-sized retrieval vs scikit-learn; linear-probe cost"),
     ("bench", "pretrain"): ("vclr.bench.pretrain", "videos/s of the VCLR training step per mode"),
+    ("bench", "features"): ("vclr.bench.features", "feature-extraction videos/s: backbone, batched path, packed JPEGs"),
     ("train", "pretrain"): ("vclr.train.pretrain", "VCLR pretraining (resumable)"),
     ("eval", "features"): ("vclr.evaluate.features", "frozen-backbone video features (30 frames, centre crop)"),
     ("eval", "linear-probe"): ("vclr.evaluate.linear_probe", "linear SVM (liblinear primal, C=1) on frozen features"),
     ("eval", "retrieval"): ("vclr.evaluate.retrieval", "nearest-neighbour retrieval R@k: test queries, train gallery"),
+    ("eval", "finetune"): ("vclr.train.finetune", "TSN/TSM fine-tuning with the published protocol, then the multi-view test"),
+    ("eval", "localize"): ("vclr.evaluate.localization", "BMN temporal action proposals on ActivityNet: AR@AN and AUC"),
+    ("eval", "convert"): ("vclr.models.convert", "the authors' released VCLR weights -> our backbone.pt"),
 }
 
 
