@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "filecount"): ("vclr.bench.filecount", "files DVC would track for the paper's K400 layout"),
     ("bench", "retrieval"): ("vclr.bench.retrieval", "UCF101-sized retrieval vs scikit-learn; linear-probe cost"),
     ("bench", "pretrain"): ("vclr.bench.pretrain", "videos/s of the VCLR training step per mode"),
+    ("bench", "input"): ("vclr.bench.input", "input pipeline frames/s: CPU reference chain vs batched augmentation (CPU, CUDA + nvjpeg)"),
     ("bench", "features"): ("vclr.bench.features", "feature-extraction videos/s: backbone, batched path, packed JPEGs"),
     ("train", "pretrain"): ("vclr.train.pretrain", "VCLR pretraining (resumable)"),
     ("eval", "features"): ("vclr.evaluate.features", "frozen-backbone video features (30 frames, centre crop)"),

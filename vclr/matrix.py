@@ -24,6 +24,7 @@ CODE = {
         "vclr/train/pretrain.py", "vclr/train/losses.py", "vclr/train/schedule.py",
         "vclr/train/checkpoint.py", "vclr/models/vclr.py", "vclr/models/backbones.py",
         "vclr/data/pretrain_dataset.py", "vclr/data/sampling.py", "vclr/data/augment.py",
+        "vclr/data/batch_augment.py",
     ),
 }
 
@@ -32,7 +33,7 @@ CODE = {
 PRETRAIN_FLAGS = (
     "backbone", "epochs", "batch_size", "lr", "warmup_epochs", "queue_size", "crop", "segments",
     "temperature", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
-    "compile", "deterministic",
+    "compile", "deterministic", "augment",
 )
 
 

@@ -7,6 +7,7 @@ global RNGs are never reseeded and a resumed run sees exactly the samples an uni
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -14,6 +15,13 @@ import torch
 from torch.utils.data import Dataset
 
 from vclr.data.augment import augment_frames, frame_transform
+from vclr.data.batch_augment import (
+    AugmentParams,
+    apply_params,
+    cat_params,
+    decode_jpegs,
+    draw_params,
+)
 from vclr.data.index import IndexRow, read_split
 from vclr.data.packed import PackedFrames
 from vclr.data.sampling import derive_seed, sample_video
@@ -77,6 +85,89 @@ class PretrainDataset(Dataset):
             "key_tuple": keys[list(sample.key_order)],
             "order_label": torch.tensor(sample.order_label, dtype=torch.long),
         }
+
+
+class PretrainJpegDataset(PretrainDataset):
+    """The batched-augmentation path (pretrain setting `augment: batched`): the same samples, but a
+    worker only reads the 2K JPEGs (K query frames, then K key frames) and draws the 2K+1 views'
+    augmentation parameters (K query views, x1, K key views) from the item's own generator; the
+    main process decodes and augments a whole batch on the training device (`decode_and_augment`).
+
+    The parameters are a pure function of (seed, epoch, index, rank) like every other draw of an
+    item, so a resumed run needs no extra RNG state and the batch does not depend on the number of
+    processes.
+    """
+
+    def __getitem__(self, index: int) -> dict:
+        key = self.keys[index]
+        sample = sample_video(self.frames.num_frames(key), seed=self.seed, epoch=self.epoch, index=index,
+                              rank=self.rank, num_segments=self.num_segments, video=key)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, self.rank))
+        k = self.num_segments
+        jpegs = [torch.frombuffer(bytearray(self.frames.read_jpeg(key, i)), dtype=torch.uint8)
+                 for i in (*sample.query_frames, *sample.key_frames)]
+        width, height = self.frames.size(key)
+        first, second = sample.other_segments
+        return {
+            "jpegs": jpegs,
+            "source": torch.tensor([*range(k), sample.anchor_segment, *range(k, 2 * k)]),
+            "params": draw_params(torch.tensor([[height, width]]).expand(2 * k + 1, 2), generator),
+            # views of xq, x1, x2, x3, the query tuple, the key tuple (in presentation order)
+            "layout": torch.tensor([sample.anchor_segment, k, first, second, *sample.query_order,
+                                    *(k + 1 + i for i in sample.key_order)]),
+            "order_label": torch.tensor(sample.order_label, dtype=torch.long),
+            "where": f"{self.frames.frames_dir / 'manifest.json'}: video {key!r}",
+        }
+
+
+PARAM_PREFIX = "aug_"
+
+
+def collate_jpeg_batch(items: list[dict]) -> dict:
+    """PretrainJpegDataset items -> one batch of CPU tensors (pinned by a DataLoader with pin_memory):
+    all JPEG bytes in one buffer with offsets, each view's source frame, parameters and layout
+    renumbered batch-wide."""
+    sizes = [len(jpeg) for item in items for jpeg in item["jpegs"]]
+    frames_per_item = len(items[0]["jpegs"])
+    views_per_item = len(items[0]["source"])
+    return {
+        "jpeg_bytes": torch.cat([jpeg for item in items for jpeg in item["jpegs"]]),
+        "jpeg_offsets": torch.tensor([0, *np.cumsum(sizes).tolist()], dtype=torch.long),
+        "source": torch.cat([item["source"] + i * frames_per_item for i, item in enumerate(items)]),
+        "layout": torch.stack([item["layout"] + i * views_per_item for i, item in enumerate(items)]),
+        "order_label": torch.stack([item["order_label"] for item in items]),
+        **cat_params([item["params"] for item in items]).to_dict(PARAM_PREFIX),
+        "where": [item["where"] for item in items],
+    }
+
+
+def decode_and_augment(batch: dict, device: torch.device, *, crop_size: int, num_segments: int,
+                       dtype: torch.dtype = torch.float32, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    """A collate_jpeg_batch batch -> the entries of vclr.models.vclr.BATCH_KEYS on `device`:
+    JPEG decode (nvjpeg on CUDA) and vclr.data.batch_augment over all views at once."""
+    data, offsets = batch["jpeg_bytes"], batch["jpeg_offsets"].tolist()
+    frames = decode_jpegs([data[a:b] for a, b in itertools.pairwise(offsets)], device)
+    params = AugmentParams.from_dict(batch, PARAM_PREFIX)
+    source = batch["source"]
+    # The crops were drawn for the manifest's frame size: a frame of another size is a packing error.
+    for index, (top, left, height, width) in zip(source.tolist(), params.boxes.tolist()):
+        frame = frames[index]
+        if top + height > frame.shape[-2] or left + width > frame.shape[-1]:
+            video = batch["where"][index // (2 * num_segments)]
+            raise VclrError(f"{video}: a frame decodes to {tuple(frame.shape[-2:])}, which does not hold the "
+                            f"crop drawn for the manifest's size (the manifest's width/height are wrong)")
+    views = apply_params(frames, params, crop_size=crop_size, source=source, dtype=dtype,
+                         channels_last=channels_last)
+    layout = batch["layout"].to(device, non_blocking=True)
+
+    def tuple_views(start: int) -> torch.Tensor:
+        return views[layout[:, start:start + num_segments].flatten()].unflatten(0, (layout.shape[0], num_segments))
+
+    return {
+        "xq": views[layout[:, 0]], "x1": views[layout[:, 1]], "x2": views[layout[:, 2]], "x3": views[layout[:, 3]],
+        "query_tuple": tuple_views(4), "key_tuple": tuple_views(4 + num_segments),
+        "order_label": batch["order_label"].to(device, non_blocking=True),
+    }
 
 
 def epoch_order(num_videos: int, *, seed: int, epoch: int, rank: int = 0) -> list[int]:

@@ -6,6 +6,10 @@ shuffle-BN permutation generator, the DataLoader's worker-seed generator, the gl
 k steps and resumed reaches step N with the same per-step losses as an uninterrupted run (in
 deterministic mode on the same machine).
 
+With `augment: batched` the DataLoader workers only read JPEG bytes and draw each video's augmentation
+parameters (a pure function of seed, epoch and index like the rest of the sample, so there is no extra
+generator state to save); the training device decodes and augments whole batches.
+
 Under torchrun (vclr.train.distributed) the model is wrapped in DistributedDataParallel; the batch
 size stays the GLOBAL batch, each process loading its contiguous share of every global batch
 (pretrain_dataset.rank_indices) and drawing each video's sample exactly as one process would (the
@@ -35,6 +39,9 @@ from tqdm import tqdm
 from vclr.data.packed import PackedFrames
 from vclr.data.pretrain_dataset import (
     PretrainDataset,
+    PretrainJpegDataset,
+    collate_jpeg_batch,
+    decode_and_augment,
     epoch_order,
     found_rows,
     rank_indices,
@@ -63,8 +70,12 @@ DEFAULT_SETTINGS = {
     "eta_min": 1e-6, "momentum": 0.9, "weight_decay": 1e-4, "alpha": 0.999, "queue_size": 131072,
     "crop": 224, "segments": 3, "temperature": 0.1, "losses": list(LOSS_TERMS), "seed": 0, "workers": 4,
     "checkpoint_every": 10, "init": "random", "bf16": False, "channels_last": False, "compile": False,
-    "deterministic": False, "max_steps": None, "device": "auto",
+    "deterministic": False, "max_steps": None, "device": "auto", "augment": "cpu",
 }
+# Where frames are decoded and augmented: "cpu" = per frame in the DataLoader workers
+# (vclr.data.augment); "batched" = workers read JPEG bytes only, the training device decodes and
+# augments whole batches (vclr.data.batch_augment).
+AUGMENT_MODES = ("cpu", "batched")
 # Settings that may change between a run and its resumption (they do not change what is computed).
 RESUMABLE_CHANGES = {"workers", "checkpoint_every", "max_steps", "compile", "epochs"}
 CHECKPOINT_NAME = "checkpoint_last.pt"
@@ -87,6 +98,8 @@ def resolve_settings(settings: dict) -> dict:
     if resolved["queue_size"] % resolved["batch_size"]:
         raise VclrError(f"queue_size {resolved['queue_size']} is not a multiple of the global batch "
                         f"{resolved['batch_size']} (the FIFO queue is filled one batch of keys at a time)")
+    if resolved["augment"] not in AUGMENT_MODES:
+        raise VclrError(f"augment: expected one of {', '.join(AUGMENT_MODES)}, got {resolved['augment']!r}")
     init = resolved["init"]
     if init != "random" and not init.startswith("moco_v2:"):
         raise VclrError(f"init: expected 'random' or 'moco_v2:PATH', got {init!r}")
@@ -169,8 +182,10 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     else:
         torch.backends.cudnn.benchmark = device.type == "cuda"
 
-    dataset = PretrainDataset(found_rows(index_csv), PackedFrames(frames_dir), crop_size=settings["crop"],
-                              num_segments=settings["segments"], seed=settings["seed"])
+    batched = settings["augment"] == "batched"
+    dataset = (PretrainJpegDataset if batched else PretrainDataset)(
+        found_rows(index_csv), PackedFrames(frames_dir), crop_size=settings["crop"],
+        num_segments=settings["segments"], seed=settings["seed"])
     batch_size = settings["batch_size"]  # global; each process loads batch_size / processes
     iters_per_epoch = len(dataset) // batch_size
     if iters_per_epoch == 0:
@@ -201,8 +216,9 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     epoch, iteration, step = 0, 0, 0
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
+        # A setting newer than the checkpoint counts as its default there (augment: cpu).
         changed = sorted(key for key in config if key not in RESUMABLE_CHANGES
-                         and state["config"].get(key) != config[key])
+                         and state["config"].get(key, DEFAULT_SETTINGS.get(key)) != config[key])
         if changed:
             raise VclrError(f"{checkpoint_path}: saved with other settings ({', '.join(changed)}); "
                             f"use another output directory or resume with the same settings")
@@ -240,7 +256,7 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
                                start_iteration=iteration)
         loader = DataLoader(dataset, batch_size=batch_size // processes, sampler=indices, drop_last=True,
                             num_workers=settings["workers"], generator=loader_generator,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", collate_fn=collate_jpeg_batch if batched else None)
         progress = tqdm(loader, total=iters_per_epoch, initial=iteration, desc=f"epoch {epoch}",
                         leave=False, disable=True if not is_writer else None)
         tick = time.perf_counter()
@@ -249,7 +265,12 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
                        settings["warmup_epochs"], settings["eta_min"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            if batched:
+                batch = decode_and_augment(batch, device, crop_size=settings["crop"],
+                                           num_segments=settings["segments"], channels_last=settings["channels_last"],
+                                           dtype=torch.bfloat16 if settings["bf16"] else torch.float32)
+            else:
+                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
                 outputs = forward(batch, shuffle_fn=shuffle, unshuffle_fn=unshuffle_across_ranks)
             try:
@@ -329,6 +350,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", default="random", help="random | moco_v2:PATH")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--augment", default="cpu", choices=AUGMENT_MODES,
+                        help="cpu: per frame in the loader workers; batched: decode + augment whole batches "
+                             "on the training device")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
@@ -346,6 +370,7 @@ def main(args: argparse.Namespace) -> int:
         "workers": args.workers, "checkpoint_every": args.checkpoint_every, "init": args.init,
         "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
         "deterministic": args.deterministic, "max_steps": args.max_steps, "device": args.device,
+        "augment": args.augment,
     }
     summary = pretrain(settings, args.index, args.frames, args.out, resume=not args.no_resume)
     if distributed_env()[0] != 0:  # one report per run, from the process that wrote the outputs
