@@ -1,12 +1,16 @@
 """Small synthetic stand-ins for the five datasets, written in their real on-disk formats (contract 1).
 
-The `tiny` profile runs the whole suite on these. Each video shows one object on a random textured
-background; appearance (background, object colour, shape, size, position) is random per video and
-carries no class information. The class is only in how the object (or the camera) moves:
-translations, growing/shrinking, clockwise/counter-clockwise orbits, camera pans, and two- or
-three-step sequences of these. Classes come in pairs (2k, 2k+1) whose motions are each other's time
-reversal, so a model must see motion and temporal order to tell them apart; rendered with the same
-sample seed, class 2k+1 is exactly class 2k played backwards (so single frames carry no class signal).
+The `tiny` profile runs the whole suite on these. Each video shows one object in a scene; the
+object's colour, shape, size and position and the scene's colours are random per video. Classes come
+in pairs (2k, 2k+1):
+- the pair shows in every frame as the scene's texture family (stripes, checks, dots, ...; period,
+  angle and phase random per video), in luminance only - like the scene bias of the real datasets
+  (water for swimming), a cue that single frames and colour-jittered crops still carry;
+- the class within the pair is only in how the object (or the camera) moves: translations,
+  growing/shrinking, clockwise/counter-clockwise orbits, camera pans, and two- or three-step
+  sequences of these. The two motions of a pair are each other's time reversal: rendered with the
+  same sample seed, class 2k+1 is exactly class 2k played backwards, so telling them apart takes
+  motion and temporal order.
 
 Horizontal flips: in every dataset but ssv2 each video is mirrored left-right at random and the
 motion vocabulary is built modulo that mirror, so a horizontal-flip augmentation never changes the
@@ -250,6 +254,7 @@ def paired_class(class_index: int) -> int:
 
 def _appearance(sample_seed: int, width: int, height: int, mirror_invariant: bool) -> dict:
     rng = np.random.default_rng(sample_seed)
+    texture_rng = np.random.default_rng([sample_seed, 1])  # its own stream: the draws below stay as they were
     grid = rng.uniform(40, 215, size=(rng.integers(3, 7), rng.integers(3, 7), 3))
     fine_noise_seed = int(rng.integers(2**31))
     colour = rng.uniform(0, 255, size=3)
@@ -265,14 +270,52 @@ def _appearance(sample_seed: int, width: int, height: int, mirror_invariant: boo
         "orbit_start": float(rng.uniform(0, 2 * math.pi)),
         "mirrored": bool(rng.integers(2)) if mirror_invariant else False,
         "wobble_phase": rng.uniform(0, 2 * math.pi, size=2),
+        # The scene texture's per-video variation inside its family (period in frame heights).
+        "texture_period": float(texture_rng.uniform(0.12, 0.22) * height),
+        "texture_angle": float(texture_rng.uniform(0, math.pi)),
+        "texture_phase": texture_rng.uniform(0, 2 * math.pi, size=2),
     }
 
 
-def _background(appearance: dict, world_width: int, world_height: int) -> np.ndarray:
+TEXTURE_FAMILIES = ("stripes", "checks", "dots", "crosshatch", "waves", "blocks")
+TEXTURE_CONTRAST = 70.0  # grey levels either side of the colour layout
+
+
+def texture_pattern(family: int, appearance: dict, world_width: int, world_height: int) -> np.ndarray:
+    """A scene texture in [-1, 1], [H, W]: the family is the class pair's, period/angle/phase the video's.
+
+    Luminance only and present all over the frame, so it survives colour jitter, grayscale and a crop
+    of 20% of the area; its period (>= 12% of the height) survives the blur of the augmentation chain.
+    """
+    y, x = np.mgrid[0:world_height, 0:world_width].astype(np.float64)
+    angle, period = appearance["texture_angle"], appearance["texture_period"]
+    u = (x * math.cos(angle) + y * math.sin(angle)) * 2 * math.pi / period + appearance["texture_phase"][0]
+    v = (-x * math.sin(angle) + y * math.cos(angle)) * 2 * math.pi / period + appearance["texture_phase"][1]
+    name = TEXTURE_FAMILIES[family % len(TEXTURE_FAMILIES)]
+    if name == "stripes":
+        pattern = np.sin(u)
+    elif name == "checks":
+        pattern = np.tanh(3 * np.sin(u) * np.sin(v))
+    elif name == "dots":
+        pattern = 2 * (np.cos(u) * np.cos(v) > 0.5) - 1.0
+    elif name == "crosshatch":
+        pattern = np.maximum(np.sin(u), np.sin(v))
+    elif name == "waves":
+        pattern = np.sin(u + 1.5 * np.sin(v / 2))
+    else:  # blocks: square pulses along one axis at half the frequency
+        pattern = np.sign(np.sin(u / 2)) * 0.5 + np.sign(np.sin(v)) * 0.5
+    return pattern.astype(np.float32)
+
+
+def _background(appearance: dict, world_width: int, world_height: int, texture_family: int | None = None) -> np.ndarray:
     image = Image.fromarray(appearance["grid"].astype(np.uint8)).resize((world_width, world_height), Image.BICUBIC)
     background = np.asarray(image, dtype=np.float32)
     noise = np.random.default_rng(appearance["fine_noise_seed"]).normal(0, 14, size=(world_height, world_width, 1))
-    return background + noise.astype(np.float32)
+    background = background + noise.astype(np.float32)
+    if texture_family is not None:
+        pattern = texture_pattern(texture_family, appearance, world_width, world_height)
+        background = background + TEXTURE_CONTRAST * pattern[..., None]
+    return background
 
 
 def _trajectory(motion: tuple, phase: np.ndarray, appearance: dict, width: int, height: int):
@@ -314,6 +357,7 @@ def render_frames(
     num_frames: int,
     mirror_invariant: bool = True,
     action_spans: list[tuple[int, int]] | None = None,
+    texture_family: int | None = None,
 ) -> np.ndarray:
     """Render one video as uint8 [T, H, W, 3].
 
@@ -352,7 +396,7 @@ def render_frames(
     centres = screen + world_origin  # object centre in frame pixels
 
     world_width, world_height = width + camera_px[:, 0].max(), height + camera_px[:, 1].max()
-    world = _background(appearance, int(world_width), int(world_height))
+    world = _background(appearance, int(world_width), int(world_height), texture_family)
     world_u8 = np.clip(np.rint(world), 0, 255).astype(np.uint8)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     colour = appearance["colour"].astype(np.float32)
@@ -746,7 +790,7 @@ def generate_dataset(dataset: str, out_dir: str | Path, seed: int, **sizes) -> d
     def render(path: Path, label: int, ordinal: int, num_frames: int | None = None, action_spans=None) -> None:
         frames = render_frames(
             motions[label], _sample_seed(seed, dataset, ordinal), resolved["width"], resolved["height"],
-            num_frames or resolved["frames"], mirror_invariant, action_spans,
+            num_frames or resolved["frames"], mirror_invariant, action_spans, texture_family=label // 2,
         )
         write_video(path, frames, dataset, resolved["fps"])
 
