@@ -15,7 +15,8 @@ TINY = ["bench", "pretrain", "--device", "cpu", "--backbone", "resnet_tiny", "--
 def test_bench_pretrain_writes_results(tmp_path):
     out = tmp_path / "bench.json"
     assert cli.main([*TINY, "--modes", "fp32_eager,bf16_channels_last", "--loop-mode", "fp32_eager",
-                     "--loop-steps", "1", "--loop-workers", "0", "--out-json", str(out)]) == 0
+                     "--loop-steps", "1", "--loop-workers", "0", "--loop-augment", "batched",
+                     "--out-json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["torch_threads"] >= 1
     assert result["shapes"] == {"backbone": "resnet_tiny", "batch": 4, "crop": 32, "segments": 3,
@@ -25,7 +26,8 @@ def test_bench_pretrain_writes_results(tmp_path):
         assert len(entry["rounds"]) == 1 and entry["videos_per_s"] > 0 and entry["first_step_s"] > 0
     assert result["synthetic"]["fp32_eager"]["ratio_to_fp32_eager"] == 1.0
     loop = result["loop"]
-    assert loop["mode"] == "fp32_eager" and loop["steps_timed"] == 1 and loop["videos_per_s"] > 0
+    assert loop["mode"] == "fp32_eager" and loop["augment"] == "batched"
+    assert loop["steps_timed"] == 1 and loop["videos_per_s"] > 0
     assert loop["steps_logged"] == 2  # the epoch's first step (loader start-up) is run but not timed
     assert loop["fraction_of_synthetic"] == loop["videos_per_s"] / result["synthetic"]["fp32_eager"]["videos_per_s"]
 

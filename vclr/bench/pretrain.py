@@ -173,7 +173,7 @@ def make_packed_dataset(work: Path, videos: int, crop: int, workers: int, seed: 
 
 
 def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, frames_dir: Path, out_dir: Path,
-               steps: int, warmup: int, workers: int, seed: int = 0) -> dict:
+               steps: int, warmup: int, workers: int, seed: int = 0, augment: str = "cpu") -> dict:
     """videos/s of `pretrain(...)` over `steps` steps after `warmup`, from its per-step log.
 
     The first step of every epoch (DataLoader and worker start-up) and the first `warmup` steps
@@ -197,7 +197,7 @@ def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, f
                 "segments": shapes["segments"], "queue_size": shapes["queue_size"], "epochs": epochs,
                 "workers": workers, "checkpoint_every": epochs, "bf16": bf16, "channels_last": channels_last,
                 "compile": compile_backbones, "device": device.type, "seed": seed,
-                "max_steps": total_steps}
+                "max_steps": total_steps, "augment": augment}
     started = time.perf_counter()
     summary = pretrain(settings, index_csv, frames_dir, out_dir, resume=False)
     wall_s = time.perf_counter() - started
@@ -207,7 +207,7 @@ def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, f
     if not kept:
         raise VclrError(f"{out_dir / 'log.jsonl'}: no step left to time after start-up")
     seconds = sum(shapes["batch"] / record["videos_per_s"] for record in kept)
-    return {"mode": mode, "videos": videos, "iterations_per_epoch": iterations_per_epoch,
+    return {"mode": mode, "augment": augment, "videos": videos, "iterations_per_epoch": iterations_per_epoch,
             "workers": workers, "steps_logged": len(log), "steps_timed": len(kept),
             "videos_per_s": len(kept) * shapes["batch"] / seconds,
             "per_step_videos_per_s": [record["videos_per_s"] for record in kept],
@@ -240,6 +240,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="mode of the real-loop run: a mode name, 'best' (fastest synthetic), or 'none'")
     parser.add_argument("--loop-steps", type=int, help="timed steps of the real loop (default: 20 cuda, 4 cpu)")
     parser.add_argument("--loop-workers", type=int, help="DataLoader workers (default: cores, at most 16)")
+    parser.add_argument("--loop-augment", default="cpu", choices=("cpu", "batched"),
+                        help="real loop's augmentation: per frame in the workers, or batched on the device")
     parser.add_argument("--frames", type=Path, help="packed-frames directory for the real loop (default: generate)")
     parser.add_argument("--index", type=Path, help="split CSV for the real loop (with --frames)")
     parser.add_argument("--out-json", type=Path, help="write the results here")
@@ -311,9 +313,10 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  data made in {time.perf_counter() - started:.1f} s")
             else:
                 index_csv, frames_dir = args.index, args.frames
-            print(f"real loop ({loop_mode}, {workers} workers): {args.warmup} warm-up + {loop_steps} timed steps")
+            print(f"real loop ({loop_mode}, augment {args.loop_augment}, {workers} workers): "
+                  f"{args.warmup} warm-up + {loop_steps} timed steps")
             loop = bench_loop(loop_mode, shapes, device, index_csv, frames_dir, work / "run", loop_steps,
-                              args.warmup, workers)
+                              args.warmup, workers, augment=args.loop_augment)
         loop["synthetic_videos_per_s_after"] = remeasure(loop_mode)
         loop["fraction_of_synthetic"] = loop["videos_per_s"] / synthetic[loop_mode]["videos_per_s"]
         loop["fraction_of_synthetic_after"] = loop["videos_per_s"] / loop["synthetic_videos_per_s_after"]
