@@ -31,6 +31,7 @@ from vclr.errors import VclrError
 from vclr.evaluate.features import _eval_transform
 from vclr.io_utils import atomic_write_json
 from vclr.models.backbones import BACKBONES, build_backbone
+from vclr.train.distributed import resolve_device
 
 FRAME_SIZE = (256, 340)  # (height, width) of the paper's extracted frames
 DISTINCT_VIDEOS = 8  # synthetic videos cycle over this many tensors, so memory stays small
@@ -172,16 +173,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-json", type=Path)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VclrError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def main(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     on_cuda = device.type == "cuda"
     try:
         size = tuple(int(side) for side in args.frame_size.lower().split("x"))

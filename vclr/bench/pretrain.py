@@ -28,6 +28,7 @@ from vclr.errors import VclrError
 from vclr.io_utils import atomic_write_json
 from vclr.models.backbones import BACKBONES, build_backbone
 from vclr.models.vclr import ORDER_CLASSES, Vclr, VclrModel
+from vclr.train.distributed import resolve_device
 from vclr.train.losses import LOSS_TERMS, vclr_loss
 from vclr.train.schedule import scaled_lr
 
@@ -214,14 +215,6 @@ def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, f
             "wall_s_including_startup": wall_s, "last_loss": summary["last_loss"]}
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VclrError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--preset", choices=("paper", "cpu"),
@@ -265,7 +258,7 @@ def resolve_shapes(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     shapes = resolve_shapes(args, device)
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = [mode for mode in modes if mode not in MODES]

@@ -26,7 +26,7 @@ from vclr.data.frames import VideoFrameDataset, uniform_frame_indices
 from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames
 from vclr.errors import VclrError
-from vclr.io_utils import atomic_open, atomic_write_json
+from vclr.io_utils import atomic_open
 from vclr.models.backbones import (
     BACKBONES,
     build_backbone,
@@ -34,6 +34,7 @@ from vclr.models.backbones import (
     read_checkpoint_file,
 )
 from vclr.train.checkpoint import CHECKPOINT_FORMAT
+from vclr.train.distributed import resolve_device
 
 FEATURES_FORMAT = "vclr-features/1"
 QUERY_BACKBONE_PREFIX = "model.backbone."  # the query encoder's trunk inside a pretraining checkpoint
@@ -130,26 +131,36 @@ def save_features(path: str | os.PathLike, features: np.ndarray, video_ids: Sequ
                  provenance=np.asarray(json.dumps({"format": FEATURES_FORMAT, **provenance})))
 
 
-def load_features(path: str | os.PathLike) -> dict:
-    """{features, video_ids, labels, provenance}; VclrError naming the file if it is not ours or its
-    arrays are out of step."""
+def load_npz_with_provenance(path: str | os.PathLike, arrays: Sequence[str], kind: str,
+                             file_format: str) -> tuple[dict, dict]:
+    """(arrays, provenance) of one of our .npz files: `arrays` present, a JSON provenance whose format is
+    `file_format`; VclrError naming the file (and `kind`, e.g. "features file") otherwise."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             loaded = {key: data[key] for key in data.files}
     except FileNotFoundError:
-        raise VclrError(f"{path}: features file not found") from None
+        raise VclrError(f"{path}: {kind} not found") from None
     except (ValueError, OSError) as error:
         raise VclrError(f"{path}: not a readable .npz ({error})") from None
-    missing = [key for key in ("features", "video_ids", "labels", "provenance") if key not in loaded]
+    missing = [key for key in (*arrays, "provenance") if key not in loaded]
     if missing:
-        raise VclrError(f"{path}: not a features file (missing arrays: {', '.join(missing)})")
+        raise VclrError(f"{path}: not a {kind} (missing arrays: {', '.join(missing)})")
     try:
         provenance = json.loads(str(loaded["provenance"]))
     except ValueError:
         raise VclrError(f"{path}: key 'provenance' is not JSON") from None
-    if not isinstance(provenance, dict) or provenance.get("format") != FEATURES_FORMAT:
-        raise VclrError(f"{path}: key 'provenance': format {FEATURES_FORMAT!r} expected")
+    if not isinstance(provenance, dict) or provenance.get("format") != file_format:
+        raise VclrError(f"{path}: key 'provenance': format {file_format!r} expected")
+    return loaded, provenance
+
+
+def load_features(path: str | os.PathLike) -> dict:
+    """{features, video_ids, labels, provenance}; VclrError naming the file if it is not ours or its
+    arrays are out of step."""
+    path = Path(path)
+    loaded, provenance = load_npz_with_provenance(path, ("features", "video_ids", "labels"), "features file",
+                                                  FEATURES_FORMAT)
     features, video_ids, labels = loaded["features"], loaded["video_ids"], loaded["labels"]
     if features.ndim != 2 or video_ids.ndim != 1 or labels.ndim != 1 or not (
             len(features) == len(video_ids) == len(labels)):
@@ -239,11 +250,7 @@ def main(args: argparse.Namespace) -> int:
     for flag in ("num_frames", "crop", "batch_size"):
         if getattr(args, flag) < 1:
             raise VclrError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise VclrError("--device cuda requested but no CUDA device is available")
+    device = resolve_device(args.device)
     provenance = features_for_split(args.backbone, args.checkpoint, args.index, args.frames, args.out,
                                     args.num_frames, args.crop, args.batch_size, device, args.seed, args.workers)
     print(f"{provenance['videos']} videos ({provenance['skipped_not_found']} not found, skipped) -> {args.out}")

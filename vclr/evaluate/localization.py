@@ -41,7 +41,7 @@ from vclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames, read_manifest
 from vclr.errors import VclrError
-from vclr.evaluate.features import file_sha256
+from vclr.evaluate.features import file_sha256, load_npz_with_provenance
 from vclr.evaluate.proposals import TIOU_THRESHOLDS, average_recall_vs_an, soft_nms
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
 from vclr.models.backbones import read_checkpoint_file
@@ -53,6 +53,7 @@ from vclr.models.bmn import (
     init_bmn,
 )
 from vclr.train.checkpoint import check_state_dict, restore_rng_states, rng_states
+from vclr.train.distributed import resolve_device
 
 FEATURES_FORMAT = "vclr-snippet-features/1"
 CHECKPOINT_FORMAT = "vclr-bmn-checkpoint/1"
@@ -210,23 +211,9 @@ def save_snippet_features(path: Path, items: list[tuple[str, np.ndarray, int, in
 def load_snippet_features(path: str | os.PathLike) -> dict:
     """{video_id: (scores [K,C], frames, covered)} plus "provenance"; VclrError naming the file."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            loaded = {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise VclrError(f"{path}: snippet features not found") from None
-    except (ValueError, OSError) as error:
-        raise VclrError(f"{path}: not a readable .npz ({error})") from None
-    needed = ("video_ids", "offsets", "scores", "num_frames", "covered_frames", "provenance")
-    missing = [key for key in needed if key not in loaded]
-    if missing:
-        raise VclrError(f"{path}: not a snippet-features file (missing arrays: {', '.join(missing)})")
-    try:
-        provenance = json.loads(str(loaded["provenance"]))
-    except ValueError:
-        raise VclrError(f"{path}: key 'provenance' is not JSON") from None
-    if not isinstance(provenance, dict) or provenance.get("format") != FEATURES_FORMAT:
-        raise VclrError(f"{path}: key 'provenance': format {FEATURES_FORMAT!r} expected")
+    loaded, provenance = load_npz_with_provenance(
+        path, ("video_ids", "offsets", "scores", "num_frames", "covered_frames"), "snippet-features file",
+        FEATURES_FORMAT)
     ids, offsets, scores = loaded["video_ids"], loaded["offsets"], loaded["scores"]
     if (scores.ndim != 2 or len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(scores)
             or np.any(np.diff(offsets) < 1) or len(loaded["num_frames"]) != len(ids)
@@ -443,14 +430,6 @@ def bmn_items(rows, features: dict, temporal_scale: int, samples_per_position: i
     return items
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VclrError("--device cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def _write_metrics(path, **fields) -> dict:
     from vclr.evaluate.record import write_metrics_record
 
@@ -546,7 +525,7 @@ def _ensure_features(args, wanted: list[str], device: torch.device) -> dict:
 def main(args: argparse.Namespace) -> int:
     began = time.time()
     _check_args(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":  # the same seed gives the same model
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     blocked = read_blocked(args.blocked)

@@ -56,6 +56,28 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> a device; under torchrun the process's own GPU (LOCAL_RANK, set by
+    init_distributed). VclrError when CUDA is asked for and absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VclrError("device cuda requested but no CUDA device is available")
+    if name == "cuda" and world_size() > 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels (reproducible runs, slower), or cuDNN autotuning on GPUs."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+
+
 def barrier() -> None:
     """Wait for every process (e.g. while rank 0 writes); no-op with one process."""
     if world_size() > 1:

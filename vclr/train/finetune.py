@@ -60,6 +60,8 @@ from vclr.train.distributed import (
     init_distributed,
     mean_across_ranks,
     rank,
+    resolve_device,
+    set_determinism,
     world_size,
 )
 from vclr.train.pretrain import data_fingerprint
@@ -184,16 +186,6 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: 
             "mean_class": mean_class_accuracy(predicted, labels)}, per_class
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VclrError("device cuda requested but no CUDA device is available")
-    if name == "cuda" and world_size() > 1:
-        return torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK (init_distributed)
-    return torch.device(name)
-
-
 def save_state(path: Path, *, model: TSN, optimizer, epoch: int, iteration: int, step: int, config: dict,
                generators: dict) -> None:
     """Atomic: (epoch, iteration) is the NEXT batch to consume, `step` the steps done."""
@@ -236,7 +228,7 @@ def finetune(settings: dict, index_dir: str | os.PathLike, frames_dir: str | os.
         raise VclrError(f"batch_size {settings['batch_size']} (the global batch) is not divisible by the "
                         f"{processes} processes")
     previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    created_group = init_distributed(_device(settings["device"]).type == "cuda")
+    created_group = init_distributed(resolve_device(settings["device"]).type == "cuda")
     try:
         return _finetune(settings, Path(index_dir), Path(frames_dir), Path(out_dir), metrics_path, resume,
                          profile, config_path)
@@ -252,14 +244,9 @@ def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, 
     started = time.perf_counter()
     checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
     is_writer, processes = rank() == 0, world_size()
-    device = _device(settings["device"])
+    device = resolve_device(settings["device"])
     bf16 = settings["bf16"] and device.type == "cuda"
-    if settings["deterministic"]:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = device.type == "cuda"
+    set_determinism(settings["deterministic"], device)
 
     class_names = read_classes(index_dir)
     train_csv = index_dir / f"{settings['train_split']}.csv"

@@ -23,8 +23,8 @@ rank 0's checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import functools
+import hashlib
 import json
 import os
 import random
@@ -58,6 +58,8 @@ from vclr.train.distributed import (
     init_distributed,
     mean_across_ranks,
     rank,
+    resolve_device,
+    set_determinism,
     shuffle_across_ranks,
     unshuffle_across_ranks,
     world_size,
@@ -115,14 +117,6 @@ def build_vclr(settings: dict, generator: torch.Generator) -> Vclr:
     return Vclr(model, queue_size=settings["queue_size"], generator=generator)
 
 
-def _device_type(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VclrError("device cuda requested but no CUDA device is available")
-    return name
-
-
 def _truncate_log(log_path: Path, last_step: int) -> None:
     """Keep the log lines of steps the checkpoint holds (a killed run may have logged a few more)."""
     if not log_path.exists():
@@ -148,7 +142,7 @@ def pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.
         raise VclrError(f"batch_size {settings['batch_size']} (the global batch) is not divisible by the "
                         f"{processes} processes")
     previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    created_group = init_distributed(_device_type(settings["device"]) == "cuda")
+    created_group = init_distributed(resolve_device(settings["device"]).type == "cuda")
     try:
         return _pretrain(settings, index_csv, frames_dir, out_dir, resume)
     finally:  # the switches are process-global: leave them as the caller had them
@@ -172,15 +166,8 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     out_dir = Path(out_dir)
     checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
     is_writer, processes = rank() == 0, world_size()
-    device = torch.device(_device_type(settings["device"]))
-    if device.type == "cuda" and processes > 1:
-        device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK (init_distributed)
-    if settings["deterministic"]:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = device.type == "cuda"
+    device = resolve_device(settings["device"])
+    set_determinism(settings["deterministic"], device)
 
     batched = settings["augment"] == "batched"
     dataset = (PretrainJpegDataset if batched else PretrainDataset)(
