@@ -255,6 +255,15 @@ def test_queue_not_a_multiple_of_the_batch_fails_before_training(tiny_data, tmp_
     assert "not a multiple" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("alpha", 1.0, r"alpha must be in \[0, 1\)"), ("temperature", 0.0, "temperature must be positive")])
+def test_momentum_and_temperature_out_of_range_fail_before_training(tiny_data, tmp_path, key, value, message):
+    index_csv, frames_dir = tiny_data
+    with pytest.raises(VclrError, match=message):
+        pretrain({**SETTINGS, "epochs": 1, key: value}, index_csv, frames_dir, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_deterministic_switch_does_not_leak_to_the_caller(tiny_data, tmp_path):
     index_csv, frames_dir = tiny_data
     assert not torch.are_deterministic_algorithms_enabled()

@@ -321,20 +321,17 @@ def test_within_a_pair_single_frames_carry_no_class_signal_but_trajectories_do()
 
 
 def test_a_single_grey_frame_shows_the_pair_through_its_scene_texture():
-    """Nearest class-pair centroid of a colour-blind texture statistic (the grey frame's Fourier
-    magnitude pooled over orientation, radius in units of its peak: per-video period and angle drop
-    out) finds the pair of videos never seen before."""
+    """Nearest class-pair centroid of a colour-blind texture statistic (the grey frame's low-frequency
+    Fourier magnitude: blind to colour and to where the texture starts) finds the pair of videos never
+    seen before."""
     motions = class_motions("ucf101", 6)
 
     def statistic(label: int, seed: int) -> np.ndarray:
         frame = render_frames(motions[label], seed, 96, 72, 4, texture_family=label // 2)[1]
         grey = frame.astype(np.float64).mean(axis=2)
-        spectrum = np.abs(np.fft.fft2(grey - grey.mean())).ravel()
-        fy, fx = np.meshgrid(np.fft.fftfreq(72), np.fft.fftfreq(96), indexing="ij")
-        radius = np.hypot(fx, fy).ravel()
-        ring = np.minimum((radius / radius[np.argmax(spectrum)] * 8).astype(int), 31)
-        rings = np.bincount(ring, spectrum, minlength=32) / np.maximum(np.bincount(ring, minlength=32), 1)
-        return rings / np.linalg.norm(rings)
+        spectrum = np.abs(np.fft.rfft2(grey - grey.mean()))
+        low = np.concatenate([spectrum[:12, 1:13], spectrum[-12:, 1:13]]).ravel()
+        return low / np.linalg.norm(low)
 
     labels = np.arange(6).repeat(8)
     train = np.stack([statistic(label, 1000 + n) for n, label in enumerate(labels)])
@@ -342,7 +339,7 @@ def test_a_single_grey_frame_shows_the_pair_through_its_scene_texture():
     pairs = labels // 2
     centroids = np.stack([train[pairs == p].mean(axis=0) for p in range(3)])
     predicted = np.argmin(((test[:, None] - centroids[None]) ** 2).sum(axis=2), axis=1)
-    assert (predicted == pairs).mean() >= 0.55  # chance: 1/3 (16 of 48, sd 3.3); measured 0.65
+    assert (predicted == pairs).mean() >= 0.6  # chance: 1/3 (16 of 48, sd 3.3); measured 0.75
 
 
 def test_mirroring_changes_the_class_only_for_ssv2():

@@ -102,6 +102,10 @@ def resolve_settings(settings: dict) -> dict:
                         f"{resolved['batch_size']} (the FIFO queue is filled one batch of keys at a time)")
     if resolved["augment"] not in AUGMENT_MODES:
         raise VclrError(f"augment: expected one of {', '.join(AUGMENT_MODES)}, got {resolved['augment']!r}")
+    if not 0.0 <= resolved["alpha"] < 1.0:
+        raise VclrError(f"alpha must be in [0, 1) (the key encoder's momentum), got {resolved['alpha']}")
+    if resolved["temperature"] <= 0:
+        raise VclrError(f"temperature must be positive, got {resolved['temperature']}")
     init = resolved["init"]
     if init != "random" and not init.startswith("moco_v2:"):
         raise VclrError(f"init: expected 'random' or 'moco_v2:PATH', got {init!r}")
@@ -329,6 +333,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--segments", type=int, default=3)
     parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--alpha", type=float, default=0.999, help="momentum of the key encoder")
     parser.add_argument("--losses", default=",".join(LOSS_TERMS), help="comma-separated subset of "
                         + ",".join(LOSS_TERMS))
     parser.add_argument("--seed", type=int, default=0)
@@ -352,7 +357,7 @@ def main(args: argparse.Namespace) -> int:
     settings = {
         "backbone": args.backbone, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "warmup_epochs": args.warmup_epochs, "queue_size": args.queue_size, "crop": args.crop,
-        "segments": args.segments, "temperature": args.temperature,
+        "segments": args.segments, "temperature": args.temperature, "alpha": args.alpha,
         "losses": [term.strip() for term in args.losses.split(",") if term.strip()], "seed": args.seed,
         "workers": args.workers, "checkpoint_every": args.checkpoint_every, "init": args.init,
         "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
