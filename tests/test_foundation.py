@@ -17,6 +17,8 @@ from vclr.errors import VclrError
 from vclr.matrix import expand_jobs, final_targets
 from vclr.pipeline import render_dvc_yaml
 
+EVALUATION_PREFIXES = ("features", "retrieval", "linear", "finetune", "localize")
+
 
 def test_environment_yml_pins_agree_with_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -86,7 +88,7 @@ def test_committed_dvc_yaml_is_what_the_matrix_generates(config_path, dvc_path):
 
 def test_matrix_jobs_are_consistent():
     for path in ("config/config.yaml", "config/paper.yaml"):
-        jobs = expand_jobs(load_config(REPO / path))
+        jobs = expand_jobs(load_config(REPO / path), path)
         outs = [out for job in jobs for out in job.outs]
         assert len(outs) == len(set(outs)), "two jobs write the same output"
         produced = set(outs)
@@ -96,15 +98,22 @@ def test_matrix_jobs_are_consistent():
         assert final_targets(jobs), "all_tables has targets"
 
 
-def test_paper_dag_dry_run_lists_every_data_job():
+def test_paper_dag_dry_run_lists_every_job_with_the_dvc_command():
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "all_tables", "--configfile", "config/paper.yaml"],
+        [sys.executable, "-m", "snakemake", "-n", "-p", "all_tables", "--configfile", "config/paper.yaml"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for dataset in DATASETS:
         for stage in ("download", "extract", "index"):
             assert f"{stage}_{dataset}" in result.stdout, f"{stage}_{dataset} missing from the paper DAG"
+    stages = yaml.safe_load((REPO / "pipelines/paper/dvc.yaml").read_text())["stages"]
+    evaluations = [name for name in stages if name.split("_")[0] in EVALUATION_PREFIXES]
+    assert len(evaluations) == 30, evaluations  # 2 backbones x (6 features + 2 + 1 + 5 + 1)
+    for name, stage in stages.items():
+        # the same command under both executors (Snakemake is handed an absolute --configfile)
+        assert f"rule {name}:" in result.stdout, f"{name} missing from the paper DAG"
+        assert f"{stage['cmd']} > logs/paper/{name}.log" in result.stdout, f"{name}: another command"
 
 
 def test_cli_help_lists_commands(capsys):
@@ -133,6 +142,11 @@ def test_slurm_profile_resolves_the_paper_dag_with_gpu_resources():
     assert result.returncode == 0, result.stdout + result.stderr
     pretrain = result.stdout.split("rule pretrain_vclr_k400:")[1].split("\n\n")[0]
     assert "gpu=8" in pretrain and "nodes=1" in pretrain
+    for backbone in ("vclr_k400", "random"):
+        for rule, gpus in ((f"finetune_{backbone}_ssv2_tsm", 8), (f"features_{backbone}_k400_train", 1),
+                           (f"localize_{backbone}_anet", 1)):
+            block = result.stdout.split(f"rule {rule}:")[1].split("\n\n")[0]
+            assert f"gpu={gpus}" in block, block
     assert "torchrun --standalone --nproc_per_node=8 -m vclr train pretrain" in render_dvc_yaml(
         "config/paper.yaml", "pipelines/paper/dvc.yaml")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from vclr.data import DATASETS
+from vclr.errors import VclrError
 
 # Source files whose change must rerun a stage (DVC hashes them; Snakemake sees them as inputs).
 CODE = {
@@ -26,6 +27,18 @@ CODE = {
         "vclr/data/pretrain_dataset.py", "vclr/data/sampling.py", "vclr/data/augment.py",
         "vclr/data/batch_augment.py",
     ),
+    "features": ("vclr/evaluate/features.py", "vclr/data/frames.py", "vclr/models/backbones.py"),
+    # the metrics record is every evaluation's output format
+    "retrieval": ("vclr/evaluate/retrieval.py", "vclr/evaluate/record.py"),
+    "linear_probe": ("vclr/evaluate/linear_probe.py", "vclr/evaluate/record.py"),
+    "finetune": (
+        "vclr/train/finetune.py", "vclr/data/finetune_dataset.py", "vclr/data/sampling.py",
+        "vclr/models/tsn.py", "vclr/models/backbones.py", "vclr/evaluate/record.py",
+    ),
+    "localize": (
+        "vclr/evaluate/localization.py", "vclr/evaluate/proposals.py", "vclr/models/bmn.py",
+        "vclr/models/tsn.py", "vclr/data/anet_blocked_videos.txt", "vclr/evaluate/record.py",
+    ),
 }
 
 # Pretraining settings passed as `vclr train pretrain` flags (the rest of a run's entry says what
@@ -35,6 +48,23 @@ PRETRAIN_FLAGS = (
     "temperature", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
     "compile", "deterministic", "augment",
 )
+# `vclr eval ...` flags each evaluation section of the config may set (evaluate.<section>).
+FEATURES_FLAGS = ("num_frames", "crop", "batch_size", "workers")
+FINETUNE_FLAGS = (
+    "segments", "epochs", "batch_size", "lr", "lr_steps", "short_side", "crop", "test_frames",
+    "test_views", "test_crop", "dropout", "weight_decay", "clip_grad", "workers", "test_batch_size",
+    "checkpoint_every", "fp32", "channels_last", "deterministic",
+)
+LOCALIZE_FLAGS = (
+    "train_split", "eval_split", "interval", "short_side", "crop", "temporal_scale",
+    "position_samples", "num_samples", "samples_per_bin", "boundary_ratio", "hidden", "epochs",
+    "batch_size", "lr", "weight_decay", "lr_step", "soft_nms_alpha", "soft_nms_low", "soft_nms_high",
+    "top_k", "workers", "frame_batch",
+)
+RANDOM = "random"  # the evaluated backbone name of the seeded random initialisation
+RETRIEVAL_SPLITS = ("train", "test")  # gallery, queries (spec/protocols.md)
+LOCALIZE_CLASSIFIER = "anet_tsn"  # the fine-tuning run whose snippet scores BMN reads
+RECORD_PARAMS = ("seed", "profile")  # config keys of the flags every metrics record gets (_record_flags)
 
 
 @dataclass(frozen=True)
@@ -47,6 +77,8 @@ class Job:
     deps: tuple[str, ...]
     out_dirs: tuple[str, ...] = ()
     out_files: tuple[str, ...] = ()
+    # Metrics records: small, committed to git (DVC `metrics` with `cache: false`).
+    metrics_files: tuple[str, ...] = ()
     # Outputs a rerun must NOT delete (a resumable checkpoint, its log): DVC keeps them with
     # `persist: true`; Snakemake, which deletes every declared output first, is not told of them.
     persist_files: tuple[str, ...] = ()
@@ -61,11 +93,33 @@ class Job:
 
     @property
     def outs(self) -> tuple[str, ...]:
-        return self.out_dirs + self.out_files
+        return self.out_dirs + self.out_files + self.metrics_files
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _flags(settings: dict, names: tuple[str, ...], spread: tuple[str, ...] = ()) -> list[str]:
+    """CLI flags of the `names` set in `settings`: a true boolean is a bare flag, a false one
+    nothing; a list is comma-joined, or one argument per item for the `spread` names (nargs)."""
+    argv: list[str] = []
+    for name in names:
+        value = settings.get(name)
+        if isinstance(value, bool):
+            argv += [_flag(name)] if value else []
+        elif isinstance(value, list):
+            argv += [_flag(name)] + ([str(v) for v in value] if name in spread
+                                     else [",".join(str(v) for v in value)])
+        elif value is not None:
+            argv += [_flag(name), str(value)]
+    return argv
+
+
+def _gpu_resources(gpus: int, runtime_hours: int) -> dict:
+    """Snakemake resources of a job that needs `gpus` GPUs (none for a CPU job); the SLURM
+    profile (workflow/profiles/slurm) maps them to a partition, nodes and CPUs."""
+    return {"gpu": gpus, "runtime": runtime_hours * 60, "mem_mb": 64000} if gpus > 0 else {}
 
 
 def _data_paths(config: dict, dataset: str) -> dict[str, str]:
@@ -81,6 +135,11 @@ def _data_paths(config: dict, dataset: str) -> dict[str, str]:
     }
 
 
+def _run_dir(config: dict, name: str) -> str:
+    """results/<profile>/checkpoints/<name>/: a training job's resumable state and its outputs."""
+    return str(PurePosixPath(config["paths"]["results"]) / "checkpoints" / name)
+
+
 def _log(config: dict, name: str) -> str:
     return str(PurePosixPath(config["paths"]["logs"]) / f"{name}.log")
 
@@ -94,8 +153,7 @@ def data_jobs(config: dict, dataset: str) -> list[Job]:
     if settings["source"] == "synthetic":
         argv = ["vclr", "data", "generate", "--dataset", dataset, "--out", paths["raw"],
                 "--seed", str(config["seed"])]
-        for name, value in settings["synthetic"].items():
-            argv += [_flag(name), str(value)]
+        argv += _flags(settings["synthetic"], tuple(settings["synthetic"]))
         jobs.append(Job(f"generate_{dataset}", "generate", tuple(argv), CODE["generate"],
                         out_dirs=(paths["raw"],), params=(f"{key}.synthetic", "seed"),
                         log=_log(config, f"generate_{dataset}")))
@@ -173,20 +231,12 @@ def pretrain_jobs(config: dict) -> list[Job]:
             init_deps = moco.out_dirs
             settings["init"] = f"moco_v2:{moco.out_dirs[0]}/weights/{MOCO_V2_FILE}"
         paths = _data_paths(config, settings["dataset"])
-        out = str(PurePosixPath(config["paths"]["results"]) / "checkpoints" / run)
+        out = _run_dir(config, run)
         processes = settings.get("nproc_per_node", 1)
         argv = _launcher(processes) + [
             "train", "pretrain", "--index", f"{paths['index']}/{settings.get('split', 'train')}.csv",
             "--frames", paths["frames"], "--out", out, "--seed", str(config["seed"]),
-        ]
-        for name in PRETRAIN_FLAGS:
-            value = settings.get(name)
-            if isinstance(value, bool):
-                argv += [_flag(name)] if value else []
-            elif isinstance(value, list):
-                argv += [_flag(name), ",".join(value)]
-            elif value is not None:
-                argv += [_flag(name), str(value)]
+        ] + _flags(settings, PRETRAIN_FLAGS)
         jobs.append(Job(
             f"pretrain_{run}", "pretrain", tuple(argv),
             (paths["index"], paths["frames"]) + init_deps + CODE["pretrain"],
@@ -194,18 +244,203 @@ def pretrain_jobs(config: dict) -> list[Job]:
             persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
             params=("pretrain.defaults", f"pretrain.runs.{run}", "seed"),
             log=_log(config, f"pretrain_{run}"), threads=max(1, settings.get("workers", 0)),
-            resources={"gpu": processes, "runtime": 72 * 60, "mem_mb": 64000} if processes > 1 else {},
+            resources=_gpu_resources(processes if processes > 1 else 0, 72),
         ))
     return jobs
 
 
-def expand_jobs(config: dict) -> list[Job]:
-    """Every job of the profile, in dependency order."""
+@dataclass(frozen=True)
+class Backbone:
+    """An evaluated backbone: a pretraining run's query backbone, or the seeded random init."""
+
+    name: str  # the pretraining run, or RANDOM
+    arch: str  # vclr.models.backbones name
+    init: str  # the run's backbone.pt, or RANDOM (drawn from the config's seed)
+    deps: tuple[str, ...]  # the checkpoint file (none for RANDOM)
+    params: tuple[str, ...]  # config keys that decide it (a checkpoint's are in its file)
+
+
+def evaluated_backbones(config: dict) -> list[Backbone]:
+    """evaluate.backbones resolved; VclrError naming the key for a name that is no backbone."""
+    pretrain = config.get("pretrain") or {"defaults": {}, "runs": {}}
+    backbones = []
+    for name in config["evaluate"]["backbones"]:
+        if name == RANDOM:
+            if "backbone" not in pretrain["defaults"]:
+                raise VclrError("config key 'evaluate.backbones': 'random' takes its architecture from "
+                                "pretrain.defaults.backbone, which is not set")
+            backbones.append(Backbone(RANDOM, pretrain["defaults"]["backbone"], RANDOM, (),
+                                      ("pretrain.defaults.backbone", "seed")))
+        elif name in pretrain["runs"]:
+            checkpoint = f"{_run_dir(config, name)}/backbone.pt"
+            arch = {**pretrain["defaults"], **pretrain["runs"][name]}["backbone"]
+            backbones.append(Backbone(name, arch, checkpoint, (checkpoint,), ()))
+        else:
+            runs = ", ".join(pretrain["runs"]) or "none"
+            raise VclrError(f"config key 'evaluate.backbones': {name!r} is neither a pretraining run "
+                            f"(pretrain.runs: {runs}) nor {RANDOM!r}")
+    return backbones
+
+
+def _configured_dataset(config: dict, dataset: str, key: str) -> dict[str, str]:
+    if dataset not in config["datasets"]:
+        raise VclrError(f"config key '{key}': dataset {dataset!r} is not in 'datasets'")
+    return _data_paths(config, dataset)
+
+
+def _metrics_path(config: dict, task: str, *parts: str) -> str:
+    """results/<profile>/metrics/<task>/<backbone>_<dataset>[_<arch>].json (committed)."""
+    return str(PurePosixPath(config["paths"]["results"]) / "metrics" / task / ("_".join(parts) + ".json"))
+
+
+def _features_path(config: dict, name: str) -> str:
+    """results/<profile>/features/<name>.npz (git-ignored; DVC keeps them like checkpoints)."""
+    return str(PurePosixPath(config["paths"]["results"]) / "features" / f"{name}.npz")
+
+
+def _record_flags(config: dict, config_path: str) -> list[str]:
+    """What a metrics record needs beyond its inputs: the profile's file (hashed), seed, profile."""
+    return ["--seed", str(config["seed"]), "--profile", config["profile"], "--config", config_path]
+
+
+def features_job(config: dict, backbone: Backbone, dataset: str, split: str, key: str) -> Job:
+    """Frozen-backbone features of one split (`vclr eval features`); `key` names the config entry
+    that asked for them (in errors)."""
+    settings = config["evaluate"]["features"]
+    paths = _configured_dataset(config, dataset, key)
+    name = f"{backbone.name}_{dataset}_{split}"
+    out = _features_path(config, name)
+    argv = ["vclr", "eval", "features", "--backbone", backbone.arch, "--checkpoint", backbone.init,
+            "--index", f"{paths['index']}/{split}.csv", "--frames", paths["frames"], "--out", out]
+    if backbone.init == RANDOM:
+        argv += ["--seed", str(config["seed"])]
+    argv += _flags(settings, FEATURES_FLAGS)
+    return Job(f"features_{name}", "features", tuple(argv),
+               (paths["index"], paths["frames"]) + backbone.deps + CODE["features"], out_files=(out,),
+               params=("evaluate.features",) + backbone.params, log=_log(config, f"features_{name}"),
+               threads=max(1, settings.get("workers", 0)),
+               resources=_gpu_resources(settings.get("gpus", 0), 24))
+
+
+def _feature_evaluation_job(config: dict, config_path: str, task: str, backbone: Backbone, dataset: str,
+                            train: Job, test: Job, flags: list[str], params: tuple[str, ...]) -> Job:
+    """`vclr eval retrieval|linear-probe` on two features files. The record hashes the checkpoint
+    and the data index the features came from, so both are deps too."""
+    name = f"{task}_{backbone.name}_{dataset}"
+    metrics = _metrics_path(config, task, backbone.name, dataset)
+    argv = ["vclr", "eval", task.replace("_", "-"), "--train", train.out_files[0], "--test", test.out_files[0],
+            "--out", metrics] + flags + _record_flags(config, config_path)
+    index = _data_paths(config, dataset)["index"]
+    return Job(name, task, tuple(argv), (train.out_files[0], test.out_files[0], index) + backbone.deps + CODE[task],
+               metrics_files=(metrics,), params=params + RECORD_PARAMS, log=_log(config, name),
+               resources={"runtime": 12 * 60, "mem_mb": 32000})
+
+
+def finetune_jobs(config: dict, config_path: str, backbone: Backbone) -> list[Job]:
+    """One `vclr eval finetune` per evaluate.finetune.runs entry (keyed <dataset>_<arch>: a
+    protocol of spec/protocols.md; the entry and the defaults override its published settings)."""
+    section = config["evaluate"]["finetune"]
+    jobs = []
+    for run, overrides in section["runs"].items():
+        dataset, arch = run.split("_")
+        settings = {**section["defaults"], **overrides}
+        paths = _configured_dataset(config, dataset, f"evaluate.finetune.runs.{run}")
+        name = f"finetune_{backbone.name}_{run}"
+        out = _run_dir(config, name)
+        metrics = _metrics_path(config, "finetune", backbone.name, dataset, arch)
+        processes = settings.get("nproc_per_node", 1)
+        argv = _launcher(processes) + [
+            "eval", "finetune", "--dataset", dataset, "--arch", arch, "--backbone", backbone.arch,
+            "--init", backbone.init, "--index-dir", paths["index"], "--frames", paths["frames"],
+            "--out", out, "--metrics", metrics,
+        ] + _record_flags(config, config_path) + _flags(settings, FINETUNE_FLAGS)
+        jobs.append(Job(
+            name, "finetune", tuple(argv), (paths["index"], paths["frames"]) + backbone.deps + CODE["finetune"],
+            out_files=(f"{out}/model.pt", f"{out}/summary.json", f"{out}/test_scores.npz"),
+            metrics_files=(metrics,),
+            persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
+            params=tuple(dict.fromkeys(("evaluate.finetune.defaults", f"evaluate.finetune.runs.{run}")
+                                       + RECORD_PARAMS + backbone.params)),
+            log=_log(config, name), threads=max(1, settings.get("workers", 0)),
+            resources=_gpu_resources(settings.get("gpus", 0), 48),
+        ))
+    return jobs
+
+
+def localize_job(config: dict, config_path: str, backbone: Backbone, classifier: Job) -> Job:
+    """`vclr eval localize`: BMN on the snippet scores of `classifier` (the backbone's ActivityNet
+    TSN). The snippet features and the BMN checkpoint persist: a rerun reuses what still matches."""
+    settings = config["evaluate"]["localize"]
+    paths = _configured_dataset(config, "anet", "evaluate.localize")
+    name = f"localize_{backbone.name}_anet"
+    work = _run_dir(config, name)
+    snippets = _features_path(config, f"{backbone.name}_anet_snippets")
+    metrics = _metrics_path(config, "localize", backbone.name, "anet")
+    model = classifier.out_files[0]
+    argv = ["vclr", "eval", "localize", "--index", paths["index"], "--frames", paths["frames"],
+            "--classifier", model, "--features", snippets, "--work", work, "--out", metrics,
+            ] + _record_flags(config, config_path) + _flags(settings, LOCALIZE_FLAGS, spread=("hidden",))
+    split = settings.get("eval_split", "val")  # the CLI's default evaluation split
+    return Job(name, "localize", tuple(argv), (paths["index"], paths["frames"], model) + CODE["localize"],
+               out_files=(f"{work}/proposals_{split}.json", f"{work}/scored_{split}_videos.txt"),
+               metrics_files=(metrics,), persist_files=(snippets, f"{work}/bmn_checkpoint.pt"),
+               params=("evaluate.localize",) + RECORD_PARAMS, log=_log(config, name),
+               threads=max(1, settings.get("workers", 0)), resources=_gpu_resources(settings.get("gpus", 0), 24))
+
+
+def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
+    """Every downstream evaluation of every evaluated backbone: features, then retrieval, the
+    linear probe, fine-tuning and localisation. `config_path` goes into each metrics record."""
+    section = config.get("evaluate")
+    if not section:
+        return []
+    features: dict[tuple[str, str, str], Job] = {}
+
+    def features_for(backbone: Backbone, dataset: str, split: str, key: str) -> Job:
+        if (backbone.name, dataset, split) not in features:
+            features[backbone.name, dataset, split] = features_job(config, backbone, dataset, split, key)
+        return features[backbone.name, dataset, split]
+
+    evaluations: list[Job] = []
+    backbones = evaluated_backbones(config)
+    for backbone in backbones:
+        for dataset in section.get("retrieval", {}).get("datasets", []):
+            gallery, queries = (features_for(backbone, dataset, split, "evaluate.retrieval.datasets")
+                                for split in RETRIEVAL_SPLITS)
+            split = config["datasets"][dataset].get("split")
+            protocol = ["--protocol", f"knn_cosine_split{split}"] if split is not None else []
+            evaluations.append(_feature_evaluation_job(
+                config, config_path, "retrieval", backbone, dataset, gallery, queries, protocol,
+                (f"datasets.{dataset}.split",) if split is not None else ()))
+    probe = section.get("linear_probe")
+    for backbone in backbones if probe else ():
+        train, test = (features_for(backbone, probe["dataset"], probe[key], "evaluate.linear_probe")
+                       for key in ("train_split", "test_split"))
+        evaluations.append(_feature_evaluation_job(
+            config, config_path, "linear_probe", backbone, probe["dataset"], train, test,
+            _flags(probe, ("C",)), ("evaluate.linear_probe",)))
+    for backbone in backbones:
+        tuned = ({job.name: job for job in finetune_jobs(config, config_path, backbone)}
+                 if "finetune" in section else {})
+        evaluations += tuned.values()
+        if "localize" in section:
+            classifier = tuned.get(f"finetune_{backbone.name}_{LOCALIZE_CLASSIFIER}")
+            if classifier is None:
+                raise VclrError(f"config key 'evaluate.localize': needs evaluate.finetune.runs."
+                                f"{LOCALIZE_CLASSIFIER} (its snippet classifier)")
+            evaluations.append(localize_job(config, config_path, backbone, classifier))
+    return list(features.values()) + evaluations
+
+
+def expand_jobs(config: dict, config_path: str) -> list[Job]:
+    """Every job of the profile, in dependency order. `config_path`: the profile's file as the
+    commands see it (relative to the repository root), recorded in every metrics record."""
     jobs: list[Job] = []
     for dataset in DATASETS:
         if dataset in config["datasets"]:
             jobs += data_jobs(config, dataset)
     jobs += pretrain_jobs(config)
+    jobs += evaluation_jobs(config, config_path)
     names = [job.name for job in jobs]
     assert len(names) == len(set(names)), f"duplicate job names in the matrix: {names}"
     return jobs
@@ -227,7 +462,11 @@ def dvc_stages(jobs: list[Job], config_path: str, wdir: str = ".") -> dict:
         stage["deps"] = list(job.deps)
         if job.params:
             stage["params"] = [{config_path: list(job.params)}]
-        stage["outs"] = list(job.outs) + [{path: {"persist": True}} for path in job.persist_files]
+        outs = list(job.out_dirs + job.out_files) + [{path: {"persist": True}} for path in job.persist_files]
+        if outs:
+            stage["outs"] = outs
+        if job.metrics_files:
+            stage["metrics"] = [{path: {"cache": False}} for path in job.metrics_files]
         stages[job.name] = stage
     return {"stages": stages}
 

@@ -17,7 +17,7 @@ HEADER = (
 
 
 def render_dvc_yaml(config_path: str, out_path: str) -> str:
-    jobs = expand_jobs(load_config(config_path))
+    jobs = expand_jobs(load_config(config_path), config_path)
     body = yaml.safe_dump(dvc_stages(jobs, config_path, relative_wdir(out_path)),
                           sort_keys=False, width=1000)
     return HEADER.format(config=config_path, out=out_path) + body
@@ -34,6 +34,6 @@ def main(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, render_dvc_yaml(args.config, args.out))
         print(f"wrote {args.out}")
         return 0
-    for job in expand_jobs(load_config(args.config)):
-        print(f"{job.name:24s} {job.shell}")
+    for job in expand_jobs(load_config(args.config), args.config):
+        print(f"{job.name:36s} {job.shell}")
     return 0

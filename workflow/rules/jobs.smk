@@ -7,7 +7,7 @@ for _job in JOBS:
         input:
             list(_job.deps),
         output:
-            [directory(path) for path in _job.out_dirs] + list(_job.out_files),
+            [directory(path) for path in _job.out_dirs] + list(_job.out_files + _job.metrics_files),
         log:
             _job.log,
         threads: _job.threads

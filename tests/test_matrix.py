@@ -1,0 +1,164 @@
+"""The evaluation jobs of the experiment matrix: names, paths, deps, params, launchers, config errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import REPO
+from vclr.config import load_config
+from vclr.errors import VclrError
+from vclr.matrix import CODE, dvc_stages, expand_jobs, final_targets
+
+PROFILES = {"tiny": "config/config.yaml", "paper": "config/paper.yaml"}
+FINETUNE_RUNS = ("ucf101_tsn", "hmdb51_tsn", "ssv2_tsn", "ssv2_tsm", "anet_tsn")
+
+
+def _jobs(profile: str) -> dict:
+    path = PROFILES[profile]
+    return {job.name: job for job in expand_jobs(load_config(REPO / path), path)}
+
+
+def _expected_evaluations(backbone: str) -> set[str]:
+    features = {f"features_{backbone}_{dataset}_{split}" for dataset in ("ucf101", "hmdb51")
+                for split in ("train", "test")} | {f"features_{backbone}_k400_{split}" for split in ("train", "val")}
+    return (features | {f"retrieval_{backbone}_{dataset}" for dataset in ("ucf101", "hmdb51")}
+            | {f"linear_probe_{backbone}_k400", f"localize_{backbone}_anet"}
+            | {f"finetune_{backbone}_{run}" for run in FINETUNE_RUNS})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_backbone_gets_every_evaluation(profile):
+    jobs = _jobs(profile)
+    evaluations = {name for name, job in jobs.items()
+                   if job.stage in ("features", "retrieval", "linear_probe", "finetune", "localize")}
+    assert evaluations == _expected_evaluations("vclr_k400") | _expected_evaluations("random")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_metrics_records_are_final_targets_under_results_metrics(profile):
+    jobs = _jobs(profile)
+    results = load_config(REPO / PROFILES[profile])["paths"]["results"]
+    metrics = [path for job in jobs.values() for path in job.metrics_files]
+    assert len(metrics) == 2 * (2 + 1 + 5 + 1)
+    assert set(metrics) <= set(final_targets(list(jobs.values())))
+    pattern = re.compile(rf"^{re.escape(results)}/metrics/(retrieval|linear_probe|finetune|localize)/"
+                         rf"(vclr_k400|random)_(k400|ucf101|hmdb51|ssv2|anet)(_tsn|_tsm)?\.json$")
+    assert all(pattern.match(path) for path in metrics), metrics
+    for job in jobs.values():
+        # features are DVC's (git-ignored), like checkpoints; only records are committed
+        assert all(path.startswith((f"{results}/features/", f"{results}/checkpoints/"))
+                   for path in job.out_files + job.persist_files if job.metrics_files or job.stage == "features")
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_evaluation_deps_hold_their_code_inputs_and_params(profile):
+    jobs = _jobs(profile)
+    results = load_config(REPO / PROFILES[profile])["paths"]["results"]
+    checkpoint = f"{results}/checkpoints/vclr_k400/backbone.pt"
+    for job in jobs.values():
+        if job.stage not in CODE or job.stage in ("download", "generate", "extract", "index", "pretrain"):
+            continue
+        assert set(CODE[job.stage]) <= set(job.deps), job.name
+        assert job.params, job.name
+        if job.metrics_files:
+            assert {"seed", "profile"} <= set(job.params), job.name  # --seed, --profile of the record
+        if "_random_" in job.name:
+            assert checkpoint not in job.deps, job.name
+            if job.stage in ("features", "finetune"):  # they draw the initialisation
+                assert {"seed", "pretrain.defaults.backbone"} <= set(job.params), job.name
+        elif job.stage != "localize":  # (localize reads the fine-tuned classifier)
+            assert checkpoint in job.deps, job.name  # the record hashes it
+    for backbone in ("vclr_k400", "random"):
+        localize = jobs[f"localize_{backbone}_anet"]
+        classifier = jobs[f"finetune_{backbone}_anet_tsn"].out_files[0]
+        assert classifier.endswith("/model.pt") and classifier in localize.deps
+        assert localize.argv[localize.argv.index("--classifier") + 1] == classifier
+        retrieval = jobs[f"retrieval_{backbone}_ucf101"]
+        assert "datasets.ucf101.split" in retrieval.params and "knn_cosine_split1" in retrieval.argv
+        assert jobs[f"features_{backbone}_ucf101_test"].out_files[0] in retrieval.deps
+    random = jobs["features_random_k400_train"].argv
+    assert random[random.index("--checkpoint") + 1] == "random" and random[random.index("--seed") + 1] == "0"
+    assert jobs["finetune_random_ucf101_tsn"].argv[jobs["finetune_random_ucf101_tsn"].argv.index("--init") + 1] == "random"
+
+
+def test_record_provenance_flags_name_the_profile_file():
+    for profile, path in PROFILES.items():
+        for job in _jobs(profile).values():
+            if job.metrics_files:
+                argv = list(job.argv)
+                assert argv[argv.index("--config") + 1] == path and argv[argv.index("--profile") + 1] == profile
+
+
+def test_paper_fine_tuning_runs_torchrun_on_gpus_and_tiny_stays_on_one_cpu_thread():
+    paper, tiny = _jobs("paper"), _jobs("tiny")
+    for backbone in ("vclr_k400", "random"):
+        for run in FINETUNE_RUNS:
+            job = paper[f"finetune_{backbone}_{run}"]
+            assert job.argv[:4] == ("torchrun", "--standalone", "--nproc_per_node=8", "-m")
+            assert job.resources["gpu"] == 8
+            small = tiny[f"finetune_{backbone}_{run}"]
+            assert small.argv[0] == "vclr" and small.resources == {} and small.threads == 1
+            # CPU-sized overrides of the published recipe
+            assert {"--epochs", "--batch-size", "--crop", "--short-side"} <= set(small.argv)
+            assert "--epochs" not in job.argv
+        assert paper[f"features_{backbone}_k400_train"].resources["gpu"] == 1
+        assert paper[f"localize_{backbone}_anet"].resources["gpu"] == 1
+    localize = tiny["localize_vclr_k400_anet"].argv
+    at = localize.index("--hidden")
+    assert localize[at:at + 4] == ("--hidden", "32", "16", "32")  # nargs=3, not comma-joined
+
+
+def test_dvc_stages_keep_records_in_git_and_training_state_across_reruns():
+    jobs = expand_jobs(load_config(REPO / "config/config.yaml"), "config/config.yaml")
+    stages = dvc_stages(jobs, "config/config.yaml")["stages"]
+    finetune = stages["finetune_vclr_k400_ssv2_tsm"]
+    assert finetune["metrics"] == [{"results/tiny/metrics/finetune/vclr_k400_ssv2_tsm.json": {"cache": False}}]
+    persisted = [next(iter(out)) for out in finetune["outs"] if isinstance(out, dict)]
+    assert persisted == ["results/tiny/checkpoints/finetune_vclr_k400_ssv2_tsm/checkpoint_last.pt",
+                         "results/tiny/checkpoints/finetune_vclr_k400_ssv2_tsm/log.jsonl"]
+    assert "outs" not in stages["retrieval_random_hmdb51"]  # its only output is the record
+    localize = [next(iter(out)) for out in stages["localize_random_anet"]["outs"] if isinstance(out, dict)]
+    assert localize == ["results/tiny/features/random_anet_snippets.npz",
+                        "results/tiny/checkpoints/localize_random_anet/bmn_checkpoint.pt"]
+    assert stages["linear_probe_random_k400"]["params"] == [
+        {"config/config.yaml": ["evaluate.linear_probe", "seed", "profile"]}]
+
+
+def _tiny_text() -> str:
+    return (REPO / "config/config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda t: t.replace("ucf101_tsn: {", "ucf101_tsm: {"), "evaluate.finetune.runs.ucf101_tsm"),
+        (lambda t: t.replace("num_frames: 8,", "num_frame: 8,"), "evaluate.features.num_frame"),
+        (lambda t: t.replace("datasets: [ucf101, hmdb51]", "datasets: [ucf101, k400]"), "evaluate.retrieval.datasets.1"),
+        (lambda t: t.replace("hidden: [32, 16, 32]", "hidden: [32, 16]"), "evaluate.localize.hidden"),
+        (lambda t: t.replace("test_views: three", "test_views: five"), "evaluate.finetune.runs.ssv2_tsn.test_views"),
+        (lambda t: re.sub(r"\n  features: .*", "", t), "features"),
+    ],
+)
+def test_bad_evaluate_section_names_file_and_key(tmp_path, edit, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(edit(_tiny_text()))
+    with pytest.raises(VclrError) as error:
+        load_config(path)
+    assert str(path) in str(error.value) and key in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("backbones: [vclr_k400, random]", "backbones: [vclr_k401, random]"),
+         "config key 'evaluate.backbones': 'vclr_k401' is neither a pretraining run"),
+        (lambda t: re.sub(r"\n      anet_tsn: .*", "", t), "config key 'evaluate.localize': needs evaluate.finetune.runs.anet_tsn"),
+    ],
+)
+def test_cross_references_in_evaluate_name_the_key(tmp_path, edit, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(edit(_tiny_text()))
+    with pytest.raises(VclrError, match=re.escape(message)):
+        expand_jobs(load_config(path), str(path))
