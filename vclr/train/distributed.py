@@ -8,6 +8,7 @@ local batch (as vclr.models.vclr.single_process_shuffle does, but from the given
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,6 +77,26 @@ def set_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = device.type == "cuda"
+
+
+@contextlib.contextmanager
+def training_session(global_batch: int, device_name: str):
+    """A training run's process setup: under torchrun the global batch must split evenly and the
+    process joins the group (left again at the end); the process-global determinism and cuDNN
+    switches the run sets (set_determinism) are given back as the caller had them."""
+    processes = distributed_env()[1]
+    if global_batch % processes:
+        raise VclrError(f"batch_size {global_batch} (the global batch) is not divisible by the "
+                        f"{processes} processes")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    created_group = init_distributed(resolve_device(device_name).type == "cuda")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+        if created_group:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

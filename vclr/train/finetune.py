@@ -57,11 +57,11 @@ from vclr.train.checkpoint import restore_rng_states, rng_states
 from vclr.train.distributed import (
     barrier,
     distributed_env,
-    init_distributed,
     mean_across_ranks,
     rank,
     resolve_device,
     set_determinism,
+    training_session,
     world_size,
 )
 from vclr.train.pretrain import data_fingerprint
@@ -223,20 +223,9 @@ def finetune(settings: dict, index_dir: str | os.PathLike, frames_dir: str | os.
     steps, as if killed, after saving a checkpoint; `completed` is then False and nothing is tested.
     Under torchrun (WORLD_SIZE > 1) it joins the process group (left again on return).
     """
-    processes = distributed_env()[1]
-    if settings["batch_size"] % processes:
-        raise VclrError(f"batch_size {settings['batch_size']} (the global batch) is not divisible by the "
-                        f"{processes} processes")
-    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    created_group = init_distributed(resolve_device(settings["device"]).type == "cuda")
-    try:
+    with training_session(settings["batch_size"], settings["device"]):
         return _finetune(settings, Path(index_dir), Path(frames_dir), Path(out_dir), metrics_path, resume,
                          profile, config_path)
-    finally:  # the switches are process-global: leave them as the caller had them
-        torch.use_deterministic_algorithms(previous[0])
-        torch.backends.cudnn.benchmark = previous[1]
-        if created_group:
-            dist.destroy_process_group()
 
 
 def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, metrics_path, resume: bool,

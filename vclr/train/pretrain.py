@@ -55,11 +55,11 @@ from vclr.train.distributed import (
     barrier,
     distributed_env,
     gather_keys,
-    init_distributed,
     mean_across_ranks,
     rank,
     resolve_device,
     set_determinism,
+    training_session,
     shuffle_across_ranks,
     unshuffle_across_ranks,
     world_size,
@@ -141,19 +141,8 @@ def pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os.
     Under torchrun (WORLD_SIZE > 1) it joins the process group (left again on return).
     """
     settings = resolve_settings(settings)
-    processes = distributed_env()[1]
-    if settings["batch_size"] % processes:
-        raise VclrError(f"batch_size {settings['batch_size']} (the global batch) is not divisible by the "
-                        f"{processes} processes")
-    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    created_group = init_distributed(resolve_device(settings["device"]).type == "cuda")
-    try:
+    with training_session(settings["batch_size"], settings["device"]):
         return _pretrain(settings, index_csv, frames_dir, out_dir, resume)
-    finally:  # the switches are process-global: leave them as the caller had them
-        torch.use_deterministic_algorithms(previous[0])
-        torch.backends.cudnn.benchmark = previous[1]
-        if created_group:
-            torch.distributed.destroy_process_group()
 
 
 def data_fingerprint(index_csv: str | os.PathLike, frames_dir: str | os.PathLike) -> dict:
