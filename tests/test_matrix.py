@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import REPO
-from vclr.config import load_config
+from vclr.config import load_config, validate_config
 from vclr.errors import VclrError
 from vclr.matrix import CODE, dvc_stages, expand_jobs, final_targets
 
@@ -162,3 +162,14 @@ def test_cross_references_in_evaluate_name_the_key(tmp_path, edit, message):
     path.write_text(edit(_tiny_text()))
     with pytest.raises(VclrError, match=re.escape(message)):
         expand_jobs(load_config(path), str(path))
+
+
+def test_pretraining_settings_of_the_config_become_flags_and_bad_momentum_is_refused():
+    config = load_config(REPO / PROFILES["tiny"])
+    config["pretrain"]["defaults"]["alpha"] = 0.99
+    jobs = expand_jobs(config, PROFILES["tiny"])
+    pretrain = next(job for job in jobs if job.name == "pretrain_vclr_k400").argv
+    assert pretrain[pretrain.index("--alpha") + 1] == "0.99"
+    config["pretrain"]["defaults"]["alpha"] = 1.0
+    with pytest.raises(VclrError, match="pretrain.defaults.alpha"):
+        validate_config(config, "config.yaml")

@@ -45,7 +45,7 @@ CODE = {
 # data it reads and how it is launched).
 PRETRAIN_FLAGS = (
     "backbone", "epochs", "batch_size", "lr", "warmup_epochs", "queue_size", "crop", "segments",
-    "temperature", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
+    "temperature", "alpha", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
     "compile", "deterministic", "augment",
 )
 # `vclr eval ...` flags each evaluation section of the config may set (evaluate.<section>).
