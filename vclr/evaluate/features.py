@@ -41,11 +41,8 @@ QUERY_BACKBONE_PREFIX = "model.backbone."  # the query encoder's trunk inside a 
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def load_backbone(path_or_checkpoint: str | os.PathLike, name: str, seed: int = 0) -> nn.Module:

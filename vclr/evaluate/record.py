@@ -38,11 +38,8 @@ REQUIRED_KEYS = (
 
 def dvc_file_md5(path: str | os.PathLike) -> str:
     """DVC 3's hash of a file: the md5 of its bytes (DVC 2's dos2unix text normalisation is gone)."""
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def dvc_dir_md5(path: str | os.PathLike) -> str:
