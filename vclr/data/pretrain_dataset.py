@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from vclr.data.augment import augment_frames, frame_transform
 from vclr.data.batch_augment import (
@@ -193,3 +193,16 @@ def rank_indices(order: list[int], *, batch_size: int, world_size: int, rank: in
     share = batch_size // world_size
     return [order[i * batch_size + rank * share + j]
             for i in range(start_iteration, len(order) // batch_size) for j in range(share)]
+
+
+def epoch_loader(dataset, *, epoch: int, seed: int, batch_size: int, world_size: int, rank: int,
+                 start_iteration: int, workers: int, generator: torch.Generator, pin_memory: bool,
+                 collate_fn=None) -> DataLoader:
+    """This process's DataLoader for `epoch` (a training loop's, pretraining or fine-tuning): its share
+    of the seeded global batches from `start_iteration` on (rank_indices), `generator` seeding workers."""
+    dataset.set_epoch(epoch)
+    order = epoch_order(len(dataset), seed=seed, epoch=epoch)
+    indices = rank_indices(order, batch_size=batch_size, world_size=world_size, rank=rank,
+                           start_iteration=start_iteration)
+    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=indices, drop_last=True,
+                      num_workers=workers, generator=generator, pin_memory=pin_memory, collate_fn=collate_fn)

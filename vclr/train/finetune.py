@@ -40,7 +40,7 @@ from vclr.data.finetune_dataset import (
 )
 from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames
-from vclr.data.pretrain_dataset import epoch_order, rank_indices
+from vclr.data.pretrain_dataset import epoch_loader
 from vclr.errors import VclrError
 from vclr.evaluate.record import write_metrics_record
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
@@ -309,13 +309,10 @@ def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, 
         lr = step_lr(epoch, settings["lr_scaled"], settings["lr_steps"])
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        train_set.set_epoch(epoch)
-        order = epoch_order(len(train_set), seed=settings["seed"], epoch=epoch)
-        indices = rank_indices(order, batch_size=batch_size, world_size=processes, rank=rank(),
-                               start_iteration=iteration)
-        loader = DataLoader(train_set, batch_size=batch_size // processes, sampler=indices, drop_last=True,
-                            num_workers=settings["workers"], generator=loader_generator,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+        loader = epoch_loader(train_set, epoch=epoch, seed=settings["seed"], batch_size=batch_size,
+                              world_size=processes, rank=rank(), start_iteration=iteration,
+                              workers=settings["workers"], generator=loader_generator,
+                              pin_memory=device.type == "cuda")
         tick = time.perf_counter()
         for clips, labels in loader:
             clips = clips.to(device, non_blocking=True)

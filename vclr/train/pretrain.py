@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vclr.data.packed import PackedFrames
@@ -42,9 +41,8 @@ from vclr.data.pretrain_dataset import (
     PretrainJpegDataset,
     collate_jpeg_batch,
     decode_and_augment,
-    epoch_order,
+    epoch_loader,
     found_rows,
-    rank_indices,
 )
 from vclr.errors import VclrError
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
@@ -229,14 +227,11 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     started, steps_this_run = time.perf_counter(), 0
     stopped = False
     while epoch < epochs and not stopped:
-        dataset.set_epoch(epoch)
-        order = epoch_order(len(dataset), seed=settings["seed"], epoch=epoch)
         # This process's share of the global batches a resumed run has not consumed yet.
-        indices = rank_indices(order, batch_size=batch_size, world_size=processes, rank=rank(),
-                               start_iteration=iteration)
-        loader = DataLoader(dataset, batch_size=batch_size // processes, sampler=indices, drop_last=True,
-                            num_workers=settings["workers"], generator=loader_generator,
-                            pin_memory=device.type == "cuda", collate_fn=collate_jpeg_batch if batched else None)
+        loader = epoch_loader(dataset, epoch=epoch, seed=settings["seed"], batch_size=batch_size,
+                              world_size=processes, rank=rank(), start_iteration=iteration,
+                              workers=settings["workers"], generator=loader_generator,
+                              pin_memory=device.type == "cuda", collate_fn=collate_jpeg_batch if batched else None)
         progress = tqdm(loader, total=iters_per_epoch, initial=iteration, desc=f"epoch {epoch}",
                         leave=False, disable=True if not is_writer else None)
         tick = time.perf_counter()
