@@ -1,0 +1,1 @@
+"""Report stage: the paper tables (pandas) and figures (matplotlib) of one profile."""
