@@ -25,7 +25,7 @@ from vclr.data.index import COLUMNS, read_split
 from vclr.data.packed import FORMAT, ShardVideo, write_shard
 from vclr.errors import VclrError
 from vclr.evaluate import localization
-from vclr.evaluate.proposals import average_recall_vs_an
+from vclr.evaluate.proposals import average_recall_vs_an, uniform_random_proposals
 from vclr.evaluate.record import read_metrics_record
 from vclr.io_utils import atomic_write_json
 from vclr.models.bmn import (
@@ -288,18 +288,17 @@ def test_bmn_beats_random_proposals(trained):
     metrics = record["metrics"]
     rows = [row for row in read_split(root / "val.csv") if row.video_id.startswith("v_val")]
     truth = {row.video_id: np.array([[s, e] for s, e, _ in row.segments]) for row in rows}
-    random_runs = []
-    for seed in range(20):  # 100 uniformly random proposals per video, random scores
-        rng = np.random.default_rng(seed)
-        proposals = {row.video_id: (np.sort(rng.uniform(0, row.duration, (100, 2)), 1), rng.uniform(size=100))
-                     for row in rows}
-        random_runs.append(average_recall_vs_an(truth, proposals))
+    durations = {row.video_id: row.duration for row in rows}
+    # 100 uniformly random proposals per video, random scores
+    random_runs = [average_recall_vs_an(truth, uniform_random_proposals(durations, 100, seed)) for seed in range(20)]
     best_auc = max(run["auc"] for run in random_runs)
     best_ar10 = max(100 * run["AR@10"] for run in random_runs)
     # measured here: BMN AUC ~77 and AR@10 ~69 (after 1 epoch: 24 and 4) against random at most ~37 and ~18
     assert metrics["AUC"] > best_auc + 15, (metrics, best_auc)
     assert metrics["AR@10"] > best_ar10 + 20, (metrics, best_ar10)
     assert metrics["AR@100"] >= metrics["AR@10"] >= metrics["AR@1"]
+    recorded = record["extra"]["baseline_uniform_random"]  # the same baseline, kept with the numbers
+    assert recorded["draws"] == 10 and recorded["AUC"] <= best_auc + 5 and metrics["AUC"] > recorded["AUC"] + 15
 
 
 def test_record_names_the_scored_videos(trained):

@@ -42,7 +42,7 @@ from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames, read_manifest
 from vclr.errors import VclrError
 from vclr.evaluate.features import file_sha256, load_npz_with_provenance
-from vclr.evaluate.proposals import TIOU_THRESHOLDS, average_recall_vs_an, soft_nms
+from vclr.evaluate.proposals import TIOU_THRESHOLDS, average_recall_vs_an, soft_nms, uniform_random_proposals
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
 from vclr.models.backbones import read_checkpoint_file
 from vclr.models.bmn import (
@@ -522,6 +522,22 @@ def _ensure_features(args, wanted: list[str], device: torch.device) -> dict:
     return load_snippet_features(args.features)
 
 
+BASELINE_DRAWS = 10  # uniform-random proposal sets averaged for the baseline
+
+
+def random_proposal_baseline(items: list[dict], count: int, seed: int) -> dict:
+    """AR@N and AUC (percent) of uniformly random proposals over the same covered time of the same
+    videos, `count` per video (what BMN keeps), the mean of BASELINE_DRAWS seeded draws: the trivial
+    baseline the learned proposals must beat."""
+    ground_truth = {item["video"]: item["ground_truth"] for item in items}
+    durations = {item["video"]: item["covered_seconds"] for item in items}
+    results = [average_recall_vs_an(ground_truth, uniform_random_proposals(durations, count, seed * 1000 + draw),
+                                    max_avg_proposals=100) for draw in range(BASELINE_DRAWS)]
+    summary = {f"AR@{n}": 100.0 * float(np.mean([r[f"AR@{n}"] for r in results])) for n in (1, 5, 10, 100)}
+    summary["AUC"] = float(np.mean([r["auc"] for r in results]))
+    return {**summary, "draws": BASELINE_DRAWS, "proposals_per_video": count}
+
+
 def main(args: argparse.Namespace) -> int:
     began = time.time()
     _check_args(args)
@@ -568,6 +584,7 @@ def main(args: argparse.Namespace) -> int:
                       indent=None)
     result = average_recall_vs_an({item["video"]: item["ground_truth"] for item in eval_items}, proposals,
                                   max_avg_proposals=100)
+    baseline = random_proposal_baseline(eval_items, args.top_k, args.seed)
     scored = sorted(item["video"] for item in eval_items)
     scored_text = "".join(f"{video}\n" for video in scored)
     scored_path = args.work / f"scored_{args.eval_split}_videos.txt"
@@ -592,6 +609,7 @@ def main(args: argparse.Namespace) -> int:
                             "soft_nms_high": args.soft_nms_high, "top_k": args.top_k},
         "proposals": {"path": str(proposals_path.resolve()), "sha256": file_sha256(proposals_path)},
         "tiou_thresholds": [round(float(t), 4) for t in TIOU_THRESHOLDS],
+        "baseline_uniform_random": baseline,
         "curve": {"average_proposals": result["average_proposals"].tolist(),
                   "average_recall": result["average_recall"].tolist()},
         "device": str(device),

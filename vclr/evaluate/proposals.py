@@ -101,6 +101,17 @@ def soft_nms(segments, scores, alpha: float = 0.4, low: float = 0.5, high: float
     return remaining_segments[kept_index].reshape(-1, 2), remaining_scores[kept_index]
 
 
+def uniform_random_proposals(durations: Mapping[str, float], count: int, seed: int) -> dict[str, tuple]:
+    """The trivial baseline a proposal method must beat: per video `count` segments whose two ends
+    are uniform in [0, duration] (sorted), with uniform random scores."""
+    rng = np.random.default_rng(seed)
+    proposals = {}
+    for video in sorted(durations):
+        ends = np.sort(rng.uniform(0.0, float(durations[video]), size=(count, 2)), axis=1)
+        proposals[video] = (ends, rng.uniform(size=count))
+    return proposals
+
+
 def average_recall_vs_an(ground_truth: Mapping[str, object], proposals: Mapping[str, tuple],
                          max_avg_proposals: int = 100, tiou_thresholds=TIOU_THRESHOLDS) -> dict:
     """The AR-AN curve of `proposals` against `ground_truth` (the official computation, see module doc).
