@@ -20,10 +20,20 @@ def _jobs(profile: str) -> dict:
     return {job.name: job for job in expand_jobs(load_config(REPO / path), path)}
 
 
+# The evaluated backbones: tiny pretrains vclr_k400 with two seeds (runs <name>_seed<N>) and an
+# ablation grid evaluated by retrieval only; the paper profile one run.
+MAIN_BACKBONES = {"tiny": ("vclr_k400_seed0", "vclr_k400_seed1", "random"), "paper": ("vclr_k400", "random")}
+ABLATION_BACKBONES = {"tiny": ("vclr_k400_ablation", "vclr_k400_losses_seco", "vclr_k400_losses_segment",
+                               "vclr_k400_segments_k4", "vclr_k400_epochs_e134"), "paper": ()}
+
+
+def _retrieval_evaluations(backbone: str) -> set[str]:
+    return ({f"features_{backbone}_{dataset}_{split}" for dataset in ("ucf101", "hmdb51") for split in ("train", "test")}
+            | {f"retrieval_{backbone}_{dataset}" for dataset in ("ucf101", "hmdb51")})
+
+
 def _expected_evaluations(backbone: str) -> set[str]:
-    features = {f"features_{backbone}_{dataset}_{split}" for dataset in ("ucf101", "hmdb51")
-                for split in ("train", "test")} | {f"features_{backbone}_k400_{split}" for split in ("train", "val")}
-    return (features | {f"retrieval_{backbone}_{dataset}" for dataset in ("ucf101", "hmdb51")}
+    return (_retrieval_evaluations(backbone) | {f"features_{backbone}_k400_{split}" for split in ("train", "val")}
             | {f"linear_probe_{backbone}_k400", f"localize_{backbone}_anet"}
             | {f"finetune_{backbone}_{run}" for run in FINETUNE_RUNS})
 
@@ -33,18 +43,24 @@ def test_every_backbone_gets_every_evaluation(profile):
     jobs = _jobs(profile)
     evaluations = {name for name, job in jobs.items()
                    if job.stage in ("features", "retrieval", "linear_probe", "finetune", "localize")}
-    assert evaluations == _expected_evaluations("vclr_k400") | _expected_evaluations("random")
+    expected = set().union(*map(_expected_evaluations, MAIN_BACKBONES[profile]),
+                           *map(_retrieval_evaluations, ABLATION_BACKBONES[profile]))
+    assert evaluations == expected
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_metrics_records_are_final_targets_under_results_metrics(profile):
+def test_metrics_records_feed_the_report_from_results_metrics(profile):
     jobs = _jobs(profile)
     results = load_config(REPO / PROFILES[profile])["paths"]["results"]
     metrics = [path for job in jobs.values() for path in job.metrics_files]
-    assert len(metrics) == 2 * (2 + 1 + 5 + 1)
-    assert set(metrics) <= set(final_targets(list(jobs.values())))
+    assert len(metrics) == len(MAIN_BACKBONES[profile]) * (2 + 1 + 5 + 1) + 2 * len(ABLATION_BACKBONES[profile])
+    # every record feeds the report, whose tables are a final target
+    final = final_targets(list(jobs.values()))
+    assert load_config(REPO / PROFILES[profile])["paths"]["tables"] in final and not set(metrics) & set(final)
+    assert set(metrics) <= set(jobs["report"].deps)
+    backbones = "|".join(MAIN_BACKBONES[profile] + ABLATION_BACKBONES[profile])
     pattern = re.compile(rf"^{re.escape(results)}/metrics/(retrieval|linear_probe|finetune|localize)/"
-                         rf"(vclr_k400|random)_(k400|ucf101|hmdb51|ssv2|anet)(_tsn|_tsm)?\.json$")
+                         rf"({backbones})_(k400|ucf101|hmdb51|ssv2|anet)(_tsn|_tsm)?\.json$")
     assert all(pattern.match(path) for path in metrics), metrics
     for job in jobs.values():
         # features are DVC's (git-ignored), like checkpoints; only records are committed
@@ -56,21 +72,24 @@ def test_metrics_records_are_final_targets_under_results_metrics(profile):
 def test_evaluation_deps_hold_their_code_inputs_and_params(profile):
     jobs = _jobs(profile)
     results = load_config(REPO / PROFILES[profile])["paths"]["results"]
-    checkpoint = f"{results}/checkpoints/vclr_k400/backbone.pt"
+    trained = {name: f"{results}/checkpoints/{name}/backbone.pt"
+               for name in MAIN_BACKBONES[profile] + ABLATION_BACKBONES[profile] if name != "random"}
+    trained.update({"vclr_k400_epochs_e134": trained["vclr_k400_seed0"]} if profile == "tiny" else {})  # a twin
     for job in jobs.values():
-        if job.stage not in CODE or job.stage in ("download", "generate", "extract", "index", "pretrain"):
+        if job.stage not in CODE or job.stage in ("download", "generate", "extract", "index", "pretrain", "report"):
             continue
         assert set(CODE[job.stage]) <= set(job.deps), job.name
         assert job.params, job.name
         if job.metrics_files:
             assert {"seed", "profile"} <= set(job.params), job.name  # --seed, --profile of the record
+        backbone = max((name for name in trained if f"_{name}_" in job.name), key=len, default=None)
         if "_random_" in job.name:
-            assert checkpoint not in job.deps, job.name
+            assert not set(trained.values()) & set(job.deps), job.name
             if job.stage in ("features", "finetune"):  # they draw the initialisation
                 assert {"seed", "pretrain.defaults.backbone"} <= set(job.params), job.name
         elif job.stage != "localize":  # (localize reads the fine-tuned classifier)
-            assert checkpoint in job.deps, job.name  # the record hashes it
-    for backbone in ("vclr_k400", "random"):
+            assert trained[backbone] in job.deps, job.name  # the record hashes it
+    for backbone in MAIN_BACKBONES[profile]:
         localize = jobs[f"localize_{backbone}_anet"]
         classifier = jobs[f"finetune_{backbone}_anet_tsn"].out_files[0]
         assert classifier.endswith("/model.pt") and classifier in localize.deps
@@ -93,19 +112,19 @@ def test_record_provenance_flags_name_the_profile_file():
 
 def test_paper_fine_tuning_runs_torchrun_on_gpus_and_tiny_stays_on_one_cpu_thread():
     paper, tiny = _jobs("paper"), _jobs("tiny")
-    for backbone in ("vclr_k400", "random"):
+    for backbone, small_backbone in (("vclr_k400", "vclr_k400_seed1"), ("random", "random")):
         for run in FINETUNE_RUNS:
             job = paper[f"finetune_{backbone}_{run}"]
             assert job.argv[:4] == ("torchrun", "--standalone", "--nproc_per_node=8", "-m")
             assert job.resources["gpu"] == 8
-            small = tiny[f"finetune_{backbone}_{run}"]
+            small = tiny[f"finetune_{small_backbone}_{run}"]
             assert small.argv[0] == "vclr" and small.resources == {} and small.threads == 1
             # CPU-sized overrides of the published recipe
             assert {"--epochs", "--batch-size", "--crop", "--short-side"} <= set(small.argv)
             assert "--epochs" not in job.argv
         assert paper[f"features_{backbone}_k400_train"].resources["gpu"] == 1
         assert paper[f"localize_{backbone}_anet"].resources["gpu"] == 1
-    localize = tiny["localize_vclr_k400_anet"].argv
+    localize = tiny["localize_vclr_k400_seed0_anet"].argv
     at = localize.index("--hidden")
     assert localize[at:at + 4] == ("--hidden", "32", "16", "32")  # nargs=3, not comma-joined
 
@@ -113,11 +132,12 @@ def test_paper_fine_tuning_runs_torchrun_on_gpus_and_tiny_stays_on_one_cpu_threa
 def test_dvc_stages_keep_records_in_git_and_training_state_across_reruns():
     jobs = expand_jobs(load_config(REPO / "config/config.yaml"), "config/config.yaml")
     stages = dvc_stages(jobs, "config/config.yaml")["stages"]
-    finetune = stages["finetune_vclr_k400_ssv2_tsm"]
-    assert finetune["metrics"] == [{"results/tiny/metrics/finetune/vclr_k400_ssv2_tsm.json": {"cache": False}}]
+    finetune = stages["finetune_vclr_k400_seed1_ssv2_tsm"]
+    assert finetune["metrics"] == [{"results/tiny/metrics/finetune/vclr_k400_seed1_ssv2_tsm.json": {"cache": False}}]
     persisted = [next(iter(out)) for out in finetune["outs"] if isinstance(out, dict)]
-    assert persisted == ["results/tiny/checkpoints/finetune_vclr_k400_ssv2_tsm/checkpoint_last.pt",
-                         "results/tiny/checkpoints/finetune_vclr_k400_ssv2_tsm/log.jsonl"]
+    assert persisted == ["results/tiny/checkpoints/finetune_vclr_k400_seed1_ssv2_tsm/checkpoint_last.pt",
+                         "results/tiny/checkpoints/finetune_vclr_k400_seed1_ssv2_tsm/log.jsonl"]
+    assert stages["report"]["outs"] == [{"paper_tables/tiny": {"cache": False}}]  # the tables live in git
     assert "outs" not in stages["retrieval_random_hmdb51"]  # its only output is the record
     localize = [next(iter(out)) for out in stages["localize_random_anet"]["outs"] if isinstance(out, dict)]
     assert localize == ["results/tiny/features/random_anet_snippets.npz",
@@ -168,8 +188,52 @@ def test_pretraining_settings_of_the_config_become_flags_and_bad_momentum_is_ref
     config = load_config(REPO / PROFILES["tiny"])
     config["pretrain"]["defaults"]["alpha"] = 0.99
     jobs = expand_jobs(config, PROFILES["tiny"])
-    pretrain = next(job for job in jobs if job.name == "pretrain_vclr_k400").argv
+    pretrain = next(job for job in jobs if job.name == "pretrain_vclr_k400_seed0").argv
     assert pretrain[pretrain.index("--alpha") + 1] == "0.99"
     config["pretrain"]["defaults"]["alpha"] = 1.0
     with pytest.raises(VclrError, match="pretrain.defaults.alpha"):
         validate_config(config, "config.yaml")
+
+
+def test_seeds_and_the_ablation_grid_become_pretraining_runs():
+    jobs = _jobs("tiny")
+    config = load_config(REPO / PROFILES["tiny"])
+
+    def flag(job, name):
+        return job.argv[job.argv.index(name) + 1]
+
+    for seed in (0, 1):
+        job = jobs[f"pretrain_vclr_k400_seed{seed}"]
+        assert flag(job, "--seed") == str(seed) and job.meta["run"] == "vclr_k400" and job.meta["reference"]
+        assert flag(jobs[f"retrieval_vclr_k400_seed{seed}_ucf101"], "--seed") == str(seed)  # the record's seed
+    base, main = jobs["pretrain_vclr_k400_ablation"], jobs["pretrain_vclr_k400_seed0"]
+    assert flag(base, "--epochs") == str(config["ablations"]["settings"]["epochs"]) != flag(main, "--epochs")
+    seco = jobs["pretrain_vclr_k400_losses_seco"]
+    assert flag(seco, "--losses") == "inter,intra" and flag(seco, "--epochs") == flag(base, "--epochs")
+    assert seco.meta["ablation"] == {"axis": "losses", "label": "L_inter + L_intra (SeCo)"}
+    assert flag(jobs["pretrain_vclr_k400_segments_k4"], "--segments") == "4"
+    # an ablation entry identical to the main run reuses its checkpoint instead of training again
+    assert "pretrain_vclr_k400_epochs_e134" not in jobs
+    twin = jobs["features_vclr_k400_epochs_e134_ucf101_test"]
+    assert flag(twin, "--checkpoint") == "results/tiny/checkpoints/vclr_k400_seed0/backbone.pt"
+    # ablation runs are scored on frozen features only (ablations.evaluate)
+    assert not any(name.startswith(("finetune_vclr_k400_losses", "linear_probe_vclr_k400_losses")) for name in jobs)
+    report = jobs["report"]
+    assert main.meta["summary"] in report.deps and "vclr/report/published_results.csv" in report.deps
+    assert report.argv == ("vclr", "report", "build", "--config", "config/config.yaml", "--out", "paper_tables/tiny")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("reference: vclr_k400", "reference: vclr_k999"), "'ablations.reference': 'vclr_k999'"),
+    (lambda t: t.replace('seco: {label: "L_inter + L_intra (SeCo)", ', "seco: {"), "seco.label"),
+    (lambda t: t.replace("vclr_k400: {dataset: k400, seeds: [0, 1]}", "vclr_k400: {dataset: k400, seeds: []}"),
+     "pretrain.runs.vclr_k400.seeds"),
+    (lambda t: t.replace("  settings: {epochs: 20}", "  settings: {epochs: 20, label: x}"), "ablations.settings"),
+])
+def test_bad_seeds_or_ablations_name_the_key(tmp_path, edit, message):
+    path = tmp_path / "bad.yaml"
+    text = edit(_tiny_text())
+    assert text != _tiny_text()
+    path.write_text(text)
+    with pytest.raises(VclrError, match=re.escape(message)):
+        expand_jobs(load_config(path), str(path))

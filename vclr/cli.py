@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("data", "index"): ("vclr.data.index", "parse official annotations into split CSVs + summary.json"),
     ("pipeline", "dvc"): ("vclr.pipeline", "write dvc.yaml from the experiment matrix"),
     ("pipeline", "jobs"): ("vclr.pipeline", "list the jobs of the experiment matrix"),
+    ("pipeline", "restore-times"): ("vclr.pipeline", "after dvc pull: file times from content, so Snakemake reruns nothing finished"),
     ("bench", "extract"): ("vclr.bench.extract", "extraction frames/s against the ffmpeg command line"),
     ("bench", "reads"): ("vclr.bench.reads", "random frame reads: packed shards against loose JPEGs"),
     ("bench", "filecount"): ("vclr.bench.filecount", "files DVC would track for the paper's K400 layout"),
@@ -35,6 +36,7 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("eval", "finetune"): ("vclr.train.finetune", "TSN/TSM fine-tuning with the published protocol, then the multi-view test"),
     ("eval", "localize"): ("vclr.evaluate.localization", "BMN temporal action proposals on ActivityNet: AR@AN and AUC"),
     ("eval", "convert"): ("vclr.models.convert", "the authors' released VCLR weights -> our backbone.pt"),
+    ("report", "build"): ("vclr.report.build", "tables (md, csv, tex), figures and provenance README of a profile"),
 }
 
 

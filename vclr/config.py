@@ -82,7 +82,13 @@ def load_config(path: str | Path) -> dict:
     return validate_config(config, str(path))
 
 
+# Sections that only say how results are presented: editing them must not orphan the metrics records.
+PRESENTATION_KEYS = ("report",)
+
+
 def config_hash(config: dict) -> str:
-    """Stable short hash of a config's content (key order and formatting do not matter)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    """Stable short hash of what a config makes the pipeline compute (key order and formatting do
+    not matter; the presentation sections are left out)."""
+    computed = {key: value for key, value in config.items() if key not in PRESENTATION_KEYS}
+    canonical = json.dumps(computed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -39,6 +39,11 @@ CODE = {
         "vclr/evaluate/localization.py", "vclr/evaluate/proposals.py", "vclr/models/bmn.py",
         "vclr/models/tsn.py", "vclr/data/anet_blocked_videos.txt", "vclr/evaluate/record.py",
     ),
+    "report": (
+        "vclr/report/build.py", "vclr/report/collect.py", "vclr/report/tables.py",
+        "vclr/report/figures.py", "vclr/report/published.py", "vclr/report/published_results.csv",
+        "vclr/report/paper_ablations.csv",
+    ),
 }
 
 # Pretraining settings passed as `vclr train pretrain` flags (the rest of a run's entry says what
@@ -62,6 +67,7 @@ LOCALIZE_FLAGS = (
     "top_k", "workers", "frame_batch",
 )
 RANDOM = "random"  # the evaluated backbone name of the seeded random initialisation
+FEATURE_TASKS = ("retrieval", "linear_probe")  # the evaluations on frozen features (ablations pick from these)
 RETRIEVAL_SPLITS = ("train", "test")  # gallery, queries (spec/protocols.md)
 LOCALIZE_CLASSIFIER = "anet_tsn"  # the fine-tuning run whose snippet scores BMN reads
 RECORD_PARAMS = ("seed", "profile")  # config keys of the flags every metrics record gets (_record_flags)
@@ -86,6 +92,10 @@ class Job:
     log: str = ""
     threads: int = 1
     resources: dict = field(default_factory=dict)
+    # What the report needs to place the job's outputs in a table (run, seed, ablation, ...).
+    meta: dict = field(default_factory=dict)
+    # Outputs kept in git, not in DVC's cache (the generated tables): DVC `cache: false`.
+    committed_dirs: tuple[str, ...] = ()
 
     @property
     def shell(self) -> str:
@@ -93,7 +103,7 @@ class Job:
 
     @property
     def outs(self) -> tuple[str, ...]:
-        return self.out_dirs + self.out_files + self.metrics_files
+        return self.out_dirs + self.out_files + self.metrics_files + self.committed_dirs
 
 
 def _flag(name: str) -> str:
@@ -214,16 +224,69 @@ def moco_v2_job(config: dict) -> Job:
                log=_log(config, "download_moco_v2"))
 
 
-def pretrain_jobs(config: dict) -> list[Job]:
-    """One `vclr train pretrain` job per configured run (runs override the defaults), plus the
-    download of the MoCo v2 weights when a run starts from them (`init: moco_v2`)."""
+@dataclass(frozen=True)
+class PretrainRun:
+    """One pretraining job: a configured run at one seed, or an ablation of the reference run."""
+
+    name: str  # results/<profile>/checkpoints/<name>/
+    group: str  # the configured run (seeds of one run share it); tables average over a group
+    seed: int
+    settings: dict  # defaults + the run's overrides (+ the ablation's)
+    params: tuple[str, ...]  # config keys that decide it
+    ablation: dict | None = None  # {"axis", "label"} of an ablation run
+    # an earlier run with the very same settings and seed: its checkpoint is reused, not retrained
+    # (e.g. an epochs-axis entry that is the main run's schedule)
+    same_as: str | None = None
+
+
+def pretrain_runs(config: dict) -> list[PretrainRun]:
+    """pretrain.runs expanded over their `seeds` (run `<name>_seed<N>`; no `seeds`: one run named
+    `<name>` at the profile's seed), then the ablation grid at the profile's seed: its reference
+    `<reference>_ablation` (the reference run + ablations.settings; ablation axis None) and one run
+    `<reference>_<axis>_<key>` per change."""
     section = config.get("pretrain")
     if not section:
         return []
+    runs = []
+    for name, overrides in section["runs"].items():
+        settings = {**section["defaults"], **{k: v for k, v in overrides.items() if k != "seeds"}}
+        params = ("pretrain.defaults", f"pretrain.runs.{name}", "seed")
+        seeds = overrides.get("seeds")
+        for seed in seeds or [config["seed"]]:
+            runs.append(PretrainRun(f"{name}_seed{seed}" if seeds else name, name, seed, settings, params))
+    ablations = config.get("ablations")
+    if ablations:
+        reference = ablations["reference"]
+        if reference not in section["runs"]:
+            raise VclrError(f"config key 'ablations.reference': {reference!r} is not in pretrain.runs "
+                            f"({', '.join(section['runs'])})")
+        overrides = {k: v for k, v in section["runs"][reference].items() if k != "seeds"}
+        base = {**section["defaults"], **overrides, **ablations.get("settings", {})}
+        base_params = ("pretrain.defaults", f"pretrain.runs.{reference}", "ablations.settings", "seed")
+        # the grid's reference: every axis' reference row (the main run when `settings` is empty)
+        runs.append(PretrainRun(f"{reference}_ablation", f"{reference}_ablation", config["seed"], base,
+                                base_params, {"axis": None, "label": None}))
+        for axis, entry in ablations["axes"].items():
+            for key, change in entry["runs"].items():
+                name = f"{reference}_{axis}_{key}"
+                settings = {**base, **{k: v for k, v in change.items() if k != "label"}}
+                twin = next((run.name for run in runs if run.settings == settings
+                             and run.seed == config["seed"] and run.same_as is None), None)
+                runs.append(PretrainRun(name, name, config["seed"], settings,
+                                        base_params[:-1] + (f"ablations.axes.{axis}.runs.{key}", "seed"),
+                                        {"axis": axis, "label": change["label"]}, same_as=twin))
+    return runs
+
+
+def pretrain_jobs(config: dict) -> list[Job]:
+    """One `vclr train pretrain` job per run of pretrain_runs, plus the download of the MoCo v2
+    weights when a run starts from them (`init: moco_v2`)."""
     moco = moco_v2_job(config)
     jobs = []
-    for run, overrides in section["runs"].items():
-        settings = {**section["defaults"], **overrides}
+    for run in pretrain_runs(config):
+        if run.same_as is not None:
+            continue
+        settings = dict(run.settings)
         init_deps: tuple[str, ...] = ()
         if settings.get("init") == "moco_v2":
             if moco not in jobs:
@@ -231,20 +294,24 @@ def pretrain_jobs(config: dict) -> list[Job]:
             init_deps = moco.out_dirs
             settings["init"] = f"moco_v2:{moco.out_dirs[0]}/weights/{MOCO_V2_FILE}"
         paths = _data_paths(config, settings["dataset"])
-        out = _run_dir(config, run)
+        out = _run_dir(config, run.name)
         processes = settings.get("nproc_per_node", 1)
         argv = _launcher(processes) + [
             "train", "pretrain", "--index", f"{paths['index']}/{settings.get('split', 'train')}.csv",
-            "--frames", paths["frames"], "--out", out, "--seed", str(config["seed"]),
+            "--frames", paths["frames"], "--out", out, "--seed", str(run.seed),
         ] + _flags(settings, PRETRAIN_FLAGS)
         jobs.append(Job(
-            f"pretrain_{run}", "pretrain", tuple(argv),
+            f"pretrain_{run.name}", "pretrain", tuple(argv),
             (paths["index"], paths["frames"]) + init_deps + CODE["pretrain"],
             out_files=(f"{out}/backbone.pt", f"{out}/summary.json"),
             persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
-            params=("pretrain.defaults", f"pretrain.runs.{run}", "seed"),
-            log=_log(config, f"pretrain_{run}"), threads=max(1, settings.get("workers", 0)),
+            params=run.params, log=_log(config, f"pretrain_{run.name}"),
+            threads=max(1, settings.get("workers", 0)),
             resources=_gpu_resources(processes if processes > 1 else 0, 72),
+            meta={"run": run.group, "seed": run.seed, "dataset": settings["dataset"],
+                  "epochs": settings.get("epochs"), "log": f"{out}/log.jsonl",
+                  "summary": f"{out}/summary.json", "ablation": run.ablation,
+                  "reference": run.ablation is None},
         ))
     return jobs
 
@@ -253,33 +320,51 @@ def pretrain_jobs(config: dict) -> list[Job]:
 class Backbone:
     """An evaluated backbone: a pretraining run's query backbone, or the seeded random init."""
 
-    name: str  # the pretraining run, or RANDOM
+    name: str  # the pretraining run (with its seed suffix), or RANDOM
     arch: str  # vclr.models.backbones name
-    init: str  # the run's backbone.pt, or RANDOM (drawn from the config's seed)
+    init: str  # the run's backbone.pt, or RANDOM (drawn from `seed`)
     deps: tuple[str, ...]  # the checkpoint file (none for RANDOM)
     params: tuple[str, ...]  # config keys that decide it (a checkpoint's are in its file)
+    seed: int = 0  # the pretraining seed; the evaluations of this backbone run with it too
+    meta: dict = field(default_factory=dict)  # the report's labels: run group, seed, ablation, ...
+
+
+def _backbone_of_run(config: dict, run: PretrainRun) -> Backbone:
+    checkpoint = f"{_run_dir(config, run.same_as or run.name)}/backbone.pt"
+    meta = {"backbone": run.name, "run": run.group, "seed": run.seed,
+            "pretrain_dataset": run.settings["dataset"], "pretrain_epochs": run.settings.get("epochs"),
+            "ablation": run.ablation, "reference": run.ablation is None}
+    return Backbone(run.name, run.settings["backbone"], checkpoint, (checkpoint,), (), run.seed, meta)
 
 
 def evaluated_backbones(config: dict) -> list[Backbone]:
-    """evaluate.backbones resolved; VclrError naming the key for a name that is no backbone."""
+    """evaluate.backbones resolved (a run with `seeds`: one backbone per seed); VclrError naming
+    the key for a name that is no backbone."""
     pretrain = config.get("pretrain") or {"defaults": {}, "runs": {}}
+    runs = pretrain_runs(config)
     backbones = []
     for name in config["evaluate"]["backbones"]:
         if name == RANDOM:
             if "backbone" not in pretrain["defaults"]:
                 raise VclrError("config key 'evaluate.backbones': 'random' takes its architecture from "
                                 "pretrain.defaults.backbone, which is not set")
+            meta = {"backbone": RANDOM, "run": RANDOM, "seed": config["seed"], "pretrain_dataset": None,
+                    "pretrain_epochs": None, "ablation": None, "reference": True}
             backbones.append(Backbone(RANDOM, pretrain["defaults"]["backbone"], RANDOM, (),
-                                      ("pretrain.defaults.backbone", "seed")))
+                                      ("pretrain.defaults.backbone", "seed"), config["seed"], meta))
         elif name in pretrain["runs"]:
-            checkpoint = f"{_run_dir(config, name)}/backbone.pt"
-            arch = {**pretrain["defaults"], **pretrain["runs"][name]}["backbone"]
-            backbones.append(Backbone(name, arch, checkpoint, (checkpoint,), ()))
+            backbones += [_backbone_of_run(config, run) for run in runs
+                          if run.group == name and run.ablation is None]
         else:
-            runs = ", ".join(pretrain["runs"]) or "none"
+            names = ", ".join(pretrain["runs"]) or "none"
             raise VclrError(f"config key 'evaluate.backbones': {name!r} is neither a pretraining run "
-                            f"(pretrain.runs: {runs}) nor {RANDOM!r}")
+                            f"(pretrain.runs: {names}) nor {RANDOM!r}")
     return backbones
+
+
+def ablation_backbones(config: dict) -> list[Backbone]:
+    """The ablation runs (config `ablations`), evaluated with `ablations.evaluate` only."""
+    return [_backbone_of_run(config, run) for run in pretrain_runs(config) if run.ablation is not None]
 
 
 def _configured_dataset(config: dict, dataset: str, key: str) -> dict[str, str]:
@@ -298,9 +383,9 @@ def _features_path(config: dict, name: str) -> str:
     return str(PurePosixPath(config["paths"]["results"]) / "features" / f"{name}.npz")
 
 
-def _record_flags(config: dict, config_path: str) -> list[str]:
+def _record_flags(config: dict, config_path: str, seed: int) -> list[str]:
     """What a metrics record needs beyond its inputs: the profile's file (hashed), seed, profile."""
-    return ["--seed", str(config["seed"]), "--profile", config["profile"], "--config", config_path]
+    return ["--seed", str(seed), "--profile", config["profile"], "--config", config_path]
 
 
 def features_job(config: dict, backbone: Backbone, dataset: str, split: str, key: str) -> Job:
@@ -313,13 +398,19 @@ def features_job(config: dict, backbone: Backbone, dataset: str, split: str, key
     argv = ["vclr", "eval", "features", "--backbone", backbone.arch, "--checkpoint", backbone.init,
             "--index", f"{paths['index']}/{split}.csv", "--frames", paths["frames"], "--out", out]
     if backbone.init == RANDOM:
-        argv += ["--seed", str(config["seed"])]
+        argv += ["--seed", str(backbone.seed)]
     argv += _flags(settings, FEATURES_FLAGS)
     return Job(f"features_{name}", "features", tuple(argv),
                (paths["index"], paths["frames"]) + backbone.deps + CODE["features"], out_files=(out,),
                params=("evaluate.features",) + backbone.params, log=_log(config, f"features_{name}"),
                threads=max(1, settings.get("workers", 0)),
                resources=_gpu_resources(settings.get("gpus", 0), 24))
+
+
+def _evaluation_meta(task: str, dataset: str, arch: str | None, backbone: Backbone, **inputs: str) -> dict:
+    """A metrics job's place in the report: task, dataset, arch, and the backbone's labels;
+    `inputs`: files the report reads beyond the record (the retrieval picture's features)."""
+    return {"task": task, "dataset": dataset, "arch": arch, **backbone.meta, **inputs}
 
 
 def _feature_evaluation_job(config: dict, config_path: str, task: str, backbone: Backbone, dataset: str,
@@ -329,11 +420,13 @@ def _feature_evaluation_job(config: dict, config_path: str, task: str, backbone:
     name = f"{task}_{backbone.name}_{dataset}"
     metrics = _metrics_path(config, task, backbone.name, dataset)
     argv = ["vclr", "eval", task.replace("_", "-"), "--train", train.out_files[0], "--test", test.out_files[0],
-            "--out", metrics] + flags + _record_flags(config, config_path)
+            "--out", metrics] + flags + _record_flags(config, config_path, backbone.seed)
     index = _data_paths(config, dataset)["index"]
     return Job(name, task, tuple(argv), (train.out_files[0], test.out_files[0], index) + backbone.deps + CODE[task],
                metrics_files=(metrics,), params=params + RECORD_PARAMS, log=_log(config, name),
-               resources={"runtime": 12 * 60, "mem_mb": 32000})
+               resources={"runtime": 12 * 60, "mem_mb": 32000},
+               meta=_evaluation_meta(task, dataset, None, backbone, gallery=train.out_files[0],
+                                     queries=test.out_files[0], frames=_data_paths(config, dataset)["frames"]))
 
 
 def finetune_jobs(config: dict, config_path: str, backbone: Backbone) -> list[Job]:
@@ -353,7 +446,7 @@ def finetune_jobs(config: dict, config_path: str, backbone: Backbone) -> list[Jo
             "eval", "finetune", "--dataset", dataset, "--arch", arch, "--backbone", backbone.arch,
             "--init", backbone.init, "--index-dir", paths["index"], "--frames", paths["frames"],
             "--out", out, "--metrics", metrics,
-        ] + _record_flags(config, config_path) + _flags(settings, FINETUNE_FLAGS)
+        ] + _record_flags(config, config_path, backbone.seed) + _flags(settings, FINETUNE_FLAGS)
         jobs.append(Job(
             name, "finetune", tuple(argv), (paths["index"], paths["frames"]) + backbone.deps + CODE["finetune"],
             out_files=(f"{out}/model.pt", f"{out}/summary.json", f"{out}/test_scores.npz"),
@@ -363,6 +456,7 @@ def finetune_jobs(config: dict, config_path: str, backbone: Backbone) -> list[Jo
                                        + RECORD_PARAMS + backbone.params)),
             log=_log(config, name), threads=max(1, settings.get("workers", 0)),
             resources=_gpu_resources(settings.get("gpus", 0), 48),
+            meta=_evaluation_meta("finetune", dataset, arch, backbone),
         ))
     return jobs
 
@@ -379,13 +473,14 @@ def localize_job(config: dict, config_path: str, backbone: Backbone, classifier:
     model = classifier.out_files[0]
     argv = ["vclr", "eval", "localize", "--index", paths["index"], "--frames", paths["frames"],
             "--classifier", model, "--features", snippets, "--work", work, "--out", metrics,
-            ] + _record_flags(config, config_path) + _flags(settings, LOCALIZE_FLAGS, spread=("hidden",))
+            ] + _record_flags(config, config_path, backbone.seed) + _flags(settings, LOCALIZE_FLAGS, spread=("hidden",))
     split = settings.get("eval_split", "val")  # the CLI's default evaluation split
     return Job(name, "localize", tuple(argv), (paths["index"], paths["frames"], model) + CODE["localize"],
                out_files=(f"{work}/proposals_{split}.json", f"{work}/scored_{split}_videos.txt"),
                metrics_files=(metrics,), persist_files=(snippets, f"{work}/bmn_checkpoint.pt"),
                params=("evaluate.localize",) + RECORD_PARAMS, log=_log(config, name),
-               threads=max(1, settings.get("workers", 0)), resources=_gpu_resources(settings.get("gpus", 0), 24))
+               threads=max(1, settings.get("workers", 0)), resources=_gpu_resources(settings.get("gpus", 0), 24),
+               meta=_evaluation_meta("localize", "anet", None, backbone))
 
 
 def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
@@ -401,24 +496,32 @@ def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
             features[backbone.name, dataset, split] = features_job(config, backbone, dataset, split, key)
         return features[backbone.name, dataset, split]
 
-    evaluations: list[Job] = []
-    backbones = evaluated_backbones(config)
-    for backbone in backbones:
-        for dataset in section.get("retrieval", {}).get("datasets", []):
+    def feature_evaluations(backbone: Backbone, tasks: tuple[str, ...]) -> list[Job]:
+        jobs = []
+        for dataset in section.get("retrieval", {}).get("datasets", []) if "retrieval" in tasks else ():
             gallery, queries = (features_for(backbone, dataset, split, "evaluate.retrieval.datasets")
                                 for split in RETRIEVAL_SPLITS)
             split = config["datasets"][dataset].get("split")
             protocol = ["--protocol", f"knn_cosine_split{split}"] if split is not None else []
-            evaluations.append(_feature_evaluation_job(
+            jobs.append(_feature_evaluation_job(
                 config, config_path, "retrieval", backbone, dataset, gallery, queries, protocol,
                 (f"datasets.{dataset}.split",) if split is not None else ()))
-    probe = section.get("linear_probe")
-    for backbone in backbones if probe else ():
-        train, test = (features_for(backbone, probe["dataset"], probe[key], "evaluate.linear_probe")
-                       for key in ("train_split", "test_split"))
-        evaluations.append(_feature_evaluation_job(
-            config, config_path, "linear_probe", backbone, probe["dataset"], train, test,
-            _flags(probe, ("C",)), ("evaluate.linear_probe",)))
+        probe = section.get("linear_probe")
+        if probe and "linear_probe" in tasks:
+            train, test = (features_for(backbone, probe["dataset"], probe[key], "evaluate.linear_probe")
+                           for key in ("train_split", "test_split"))
+            jobs.append(_feature_evaluation_job(
+                config, config_path, "linear_probe", backbone, probe["dataset"], train, test,
+                _flags(probe, ("C",)), ("evaluate.linear_probe",)))
+        return jobs
+
+    backbones = evaluated_backbones(config)
+    evaluations: list[Job] = []
+    for backbone in backbones:
+        evaluations += feature_evaluations(backbone, FEATURE_TASKS)
+    ablation_tasks = tuple((config.get("ablations") or {}).get("evaluate", ()))
+    for backbone in ablation_backbones(config):
+        evaluations += feature_evaluations(backbone, ablation_tasks)
     for backbone in backbones:
         tuned = ({job.name: job for job in finetune_jobs(config, config_path, backbone)}
                  if "finetune" in section else {})
@@ -432,6 +535,36 @@ def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
     return list(features.values()) + evaluations
 
 
+def picture_source(config: dict, jobs: list[Job]) -> Job | None:
+    """The retrieval job whose ranking the report pictures: report.retrieval_picture.dataset
+    (default the first retrieval dataset) of the first pretrained reference backbone."""
+    wanted = (config.get("report") or {}).get("retrieval_picture", {}).get("dataset")
+    for job in jobs:
+        meta = job.meta
+        if (job.stage == "retrieval" and meta["reference"] and meta["run"] != RANDOM
+                and (wanted is None or meta["dataset"] == wanted)):
+            return job
+    return None
+
+
+def report_job(config: dict, config_path: str, jobs: list[Job]) -> Job:
+    """`vclr report build`: every metrics record and pretraining log of the profile into the
+    tables and figures of paths.tables (kept in git: DVC `cache: false`)."""
+    out = config["paths"]["tables"]
+    deps = [path for job in jobs for path in job.metrics_files]
+    deps += [job.meta["summary"] for job in jobs if job.stage == "pretrain"]  # its log.jsonl beside it
+    picture = picture_source(config, jobs)
+    if picture is not None:
+        deps += [picture.meta["gallery"], picture.meta["queries"], picture.meta["frames"]]
+    argv = ("vclr", "report", "build", "--config", config_path, "--out", out)
+    # per-step training logs as CSV (the report writes them): what `dvc plots show` draws
+    curves = {job.name.removeprefix("pretrain_"): f"{out}/curves/{job.name.removeprefix('pretrain_')}.csv"
+              for job in jobs if job.stage == "pretrain"}
+    return Job("report", "report", argv, tuple(dict.fromkeys(deps)) + CODE["report"], committed_dirs=(out,),
+               params=tuple(key for key in ("report", "ablations", "profile") if key in config),
+               log=_log(config, "report"), meta={"curves": curves})
+
+
 def expand_jobs(config: dict, config_path: str) -> list[Job]:
     """Every job of the profile, in dependency order. `config_path`: the profile's file as the
     commands see it (relative to the repository root), recorded in every metrics record."""
@@ -441,6 +574,8 @@ def expand_jobs(config: dict, config_path: str) -> list[Job]:
             jobs += data_jobs(config, dataset)
     jobs += pretrain_jobs(config)
     jobs += evaluation_jobs(config, config_path)
+    if any(job.metrics_files for job in jobs):
+        jobs.append(report_job(config, config_path, jobs))
     names = [job.name for job in jobs]
     assert len(names) == len(set(names)), f"duplicate job names in the matrix: {names}"
     return jobs
@@ -463,12 +598,18 @@ def dvc_stages(jobs: list[Job], config_path: str, wdir: str = ".") -> dict:
         if job.params:
             stage["params"] = [{config_path: list(job.params)}]
         outs = list(job.out_dirs + job.out_files) + [{path: {"persist": True}} for path in job.persist_files]
+        outs += [{path: {"cache": False}} for path in job.committed_dirs]
         if outs:
             stage["outs"] = outs
         if job.metrics_files:
             stage["metrics"] = [{path: {"cache": False}} for path in job.metrics_files]
         stages[job.name] = stage
-    return {"stages": stages}
+    curves = {run: path for job in jobs if job.stage == "report" for run, path in job.meta["curves"].items()}
+    if not curves:
+        return {"stages": stages}
+    plots = [{f"pretraining {column}": {"x": "step", "y": {path: column for path in curves.values()},
+                                         "template": "linear"}} for column in ("total", "lr")]
+    return {"stages": stages, "plots": plots}
 
 
 def relative_wdir(dvc_yaml_path: str) -> str:

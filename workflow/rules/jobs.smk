@@ -7,7 +7,12 @@ for _job in JOBS:
         input:
             list(_job.deps),
         output:
-            [directory(path) for path in _job.out_dirs] + list(_job.out_files + _job.metrics_files),
+            [directory(path) for path in _job.out_dirs]
+            # the tables and figures also go into `snakemake --report report.html`
+            + [report(directory(path), patterns=["{name}.csv", "figures/{name}.png"],
+                      caption="../report/tables.rst", category="VCLR tables and figures")
+               for path in _job.committed_dirs]
+            + list(_job.out_files + _job.metrics_files),
         log:
             _job.log,
         threads: _job.threads
