@@ -76,13 +76,29 @@ def test_snakemake_rerun_has_nothing_to_do(tiny_pipeline):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def _without_column(path: Path, column: str) -> list[list[str]]:
+    import csv
+
+    rows = list(csv.reader(path.read_text().splitlines()))
+    keep = [i for i, name in enumerate(rows[0]) if name != column]
+    return [[row[i] for i in keep] for row in rows]
+
+
 def test_dvc_repro_and_snakemake_write_the_same_tables(micro_runs):
     snakemake_run, dvc_run = micro_runs
     tables = MICRO_CONFIG["paths"]["tables"]
     ours, theirs = _digest_tree(dvc_run / tables), _digest_tree(snakemake_run / tables)
-    assert ours == theirs, "dvc repro and snakemake wrote different tables or figures"
+    assert set(ours) == set(theirs)
+    # identical up to the recorded wall times: the throughput (videos/s) of each training step is in
+    # the curves' CSVs and their figure; everything else byte for byte
+    timed = {name for name in ours if name.startswith(("curves/", "figures/training_curves."))}
+    assert {name: ours[name] for name in set(ours) - timed} == {name: theirs[name] for name in set(ours) - timed}
+    for name in (name for name in timed if name.endswith(".csv")):
+        assert _without_column(dvc_run / tables / name, "videos_per_s") == _without_column(
+            snakemake_run / tables / name, "videos_per_s"), name
     assert {"retrieval.md", "retrieval.tex", "retrieval.csv", "ablation_losses.md", "README.md",
-            "figures/ablations.png", "figures/training_curves.pdf", "figures/retrieval.png"} <= set(ours)
+            "figures/ablations.png", "figures/training_curves.pdf", "figures/retrieval.png",
+            "curves/vclr_k400_seed1.csv"} <= set(ours)
     for stage in ("raw", "frames", "index"):  # and the data and checkpoints behind them
         for dataset in MICRO_CONFIG["datasets"]:
             path = Path(MICRO_CONFIG["paths"]["data"]) / stage / dataset
@@ -156,7 +172,8 @@ def _checkpoint_file(job) -> str | None:
 
 def test_every_evaluation_writes_a_citable_record(tiny_pipeline):
     repo = Path(__file__).resolve().parents[1]
-    assert len(RECORDS) == 3 * 9 + 2 * 5  # three backbones x every evaluation; five ablation runs x retrieval
+    # seed 0 and random: every evaluation; seed 1: retrieval x 2 + the probe; ablation runs: retrieval x 2
+    assert len(RECORDS) == 2 * 9 + 3 + 5 * 2
     for job, path in RECORDS:
         record = read_metrics_record(tiny_pipeline / path)
         assert record["task"] == job.stage and record["profile"] == "tiny" and record["seed"] == job.meta["seed"], path
@@ -203,7 +220,13 @@ def test_tiny_metrics_against_chance(tiny_pipeline, capsys):
         else:
             assert 0 <= metrics["AR@1"] <= metrics["AR@5"] <= metrics["AR@10"] <= metrics["AR@100"] <= 100
             assert 0 <= metrics["AUC"] <= 100
-            lines.append(f"{job.name:34s} AUC {metrics['AUC']:.1f}  AR@100 {metrics['AR@100']:.1f}")
+            # the trivial baseline, uniformly random proposals on the same videos, is kept in the record.
+            # Not asserted: on the tiny stand-in BMN scores below it (AUC ~36-38 against ~53, 2026-11-27;
+            # open in the evaluation issue); test_bmn.py checks BMN beats it on features that carry
+            # the segments.
+            baseline = record["extra"]["baseline_uniform_random"]
+            lines.append(f"{job.name:34s} AUC {metrics['AUC']:.1f}  AR@100 {metrics['AR@100']:.1f}  "
+                         f"(uniform random: AUC {baseline['AUC']:.1f})")
             continue
         assert 0.0 <= value <= 1.0, (path, value)
         lines.append(f"{job.name:34s} {value:6.3f}   chance {1 / classes:.3f}")

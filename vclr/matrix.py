@@ -522,7 +522,11 @@ def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
     ablation_tasks = tuple((config.get("ablations") or {}).get("evaluate", ()))
     for backbone in ablation_backbones(config):
         evaluations += feature_evaluations(backbone, ablation_tasks)
+    seeds_tuned = (section.get("finetune") or {}).get("seeds_per_run")
     for backbone in backbones:
+        seeds = [other.seed for other in backbones if other.meta["run"] == backbone.meta["run"]]
+        if seeds_tuned is not None and backbone.seed not in seeds[:seeds_tuned]:
+            continue  # fine-tuning and localisation for the first seeds of a run only (config)
         tuned = ({job.name: job for job in finetune_jobs(config, config_path, backbone)}
                  if "finetune" in section else {})
         evaluations += tuned.values()
