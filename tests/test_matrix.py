@@ -225,6 +225,9 @@ def test_seeds_and_the_ablation_grid_become_pretraining_runs():
     assert flag(twin, "--checkpoint") == "results/tiny/checkpoints/vclr_k400_seed0/backbone.pt"
     # ablation runs are scored on frozen features only (ablations.evaluate)
     assert not any(name.startswith(("finetune_vclr_k400_losses", "linear_probe_vclr_k400_losses")) for name in jobs)
+    del config["ablations"]["settings"]  # no shared schedule: the grid's reference is the main run itself
+    names = {job.name for job in expand_jobs(config, PROFILES["tiny"])}
+    assert "pretrain_vclr_k400_ablation" not in names and "features_vclr_k400_ablation_ucf101_test" in names
     report = jobs["report"]
     assert main.meta["summary"] in report.deps and "vclr/report/published_results.csv" in report.deps
     assert report.argv == ("vclr", "report", "build", "--config", "config/config.yaml", "--out", "paper_tables/tiny")

@@ -15,7 +15,7 @@ import pytest
 from conftest import copy_checkout, run
 from vclr.config import config_hash, load_config
 from vclr.data import DATASETS
-from vclr.evaluate.record import dvc_dir_md5, dvc_file_md5, read_metrics_record
+from vclr.evaluate.record import SNAKEMAKE_MARKER, dvc_dir_md5, dvc_file_md5, read_metrics_record
 from vclr.matrix import expand_jobs
 
 pytestmark = pytest.mark.pipeline
@@ -47,7 +47,7 @@ def micro_runs(tmp_path_factory) -> tuple[Path, Path]:
 def _digest_tree(root: Path) -> dict[str, str]:
     return {
         str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(root.rglob("*")) if path.is_file() and path.name != ".snakemake_timestamp"
+        for path in sorted(root.rglob("*")) if path.is_file() and path.name != SNAKEMAKE_MARKER
     }
 
 
@@ -120,7 +120,7 @@ def test_dvc_metrics_and_plots_show_the_results(micro_runs):
     run(["dvc", "plots", "show", "--json"], cwd=dvc_run)
     plots = run(["dvc", "plots", "show", "-o", "plots_html"], cwd=dvc_run)
     html = (dvc_run / "plots_html" / "index.html").read_text()
-    assert "pretraining total" in html, plots.stdout
+    assert "pretraining_total" in html and "pretraining_lr" in html, plots.stdout
 
 
 def test_snakemake_report_holds_the_tables_and_figures(micro_runs):

@@ -64,6 +64,8 @@ def test_dir_hash_hand_computed(tmp_path):
     listing = (f'[{{"md5": "{hashlib.md5(b"").hexdigest()}", "relpath": "a"}}, '
                f'{{"md5": "{hashlib.md5(b"x").hexdigest()}", "relpath": "b/x"}}]')
     assert dvc_dir_md5(tmp_path) == hashlib.md5(listing.encode()).hexdigest() + ".dir"
+    (tmp_path / "b" / ".snakemake_timestamp").write_bytes(b"")  # Snakemake's marker: not data
+    assert dvc_dir_md5(tmp_path) == hashlib.md5(listing.encode()).hexdigest() + ".dir"
 
 
 def _write(path, **changes):

@@ -99,7 +99,11 @@ class Job:
 
     @property
     def shell(self) -> str:
-        return shlex.join(self.argv)
+        """The command both executors run. The thread count is part of it: Snakemake sets the
+        OpenMP/MKL thread variables from `threads`, DVC does not, and a CPU reduction summed by
+        another number of threads rounds differently - the same command must give the same bytes."""
+        threads = f"OMP_NUM_THREADS={self.threads} MKL_NUM_THREADS={self.threads}"
+        return f"env {threads} {shlex.join(self.argv)}"
 
     @property
     def outs(self) -> tuple[str, ...]:
@@ -263,18 +267,20 @@ def pretrain_runs(config: dict) -> list[PretrainRun]:
         overrides = {k: v for k, v in section["runs"][reference].items() if k != "seeds"}
         base = {**section["defaults"], **overrides, **ablations.get("settings", {})}
         base_params = ("pretrain.defaults", f"pretrain.runs.{reference}", "ablations.settings", "seed")
-        # the grid's reference: every axis' reference row (the main run when `settings` is empty)
+        def twin(settings: dict) -> str | None:
+            return next((run.name for run in runs if run.settings == settings and run.seed == config["seed"]
+                         and run.same_as is None), None)
+
+        # the grid's reference: every axis' reference row (the main run itself when `settings` is empty)
         runs.append(PretrainRun(f"{reference}_ablation", f"{reference}_ablation", config["seed"], base,
-                                base_params, {"axis": None, "label": None}))
+                                base_params, {"axis": None, "label": None}, same_as=twin(base)))
         for axis, entry in ablations["axes"].items():
             for key, change in entry["runs"].items():
                 name = f"{reference}_{axis}_{key}"
                 settings = {**base, **{k: v for k, v in change.items() if k != "label"}}
-                twin = next((run.name for run in runs if run.settings == settings
-                             and run.seed == config["seed"] and run.same_as is None), None)
                 runs.append(PretrainRun(name, name, config["seed"], settings,
                                         base_params[:-1] + (f"ablations.axes.{axis}.runs.{key}", "seed"),
-                                        {"axis": axis, "label": change["label"]}, same_as=twin))
+                                        {"axis": axis, "label": change["label"]}, same_as=twin(settings)))
     return runs
 
 

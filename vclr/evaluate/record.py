@@ -24,6 +24,7 @@ from vclr.errors import VclrError
 from vclr.io_utils import atomic_write_text
 
 RECORD_FORMAT = "vclr-metrics/1"
+SNAKEMAKE_MARKER = ".snakemake_timestamp"  # Snakemake's file in every directory output (a time, not data)
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the vclr package: the code behind the numbers
 # Every record has these keys; the nested ones as "parent.child".
 REQUIRED_KEYS = (
@@ -46,12 +47,15 @@ def dvc_dir_md5(path: str | os.PathLike) -> str:
     """DVC 3's hash of a directory (what `dvc add DIR` writes into DIR.dvc as `md5`).
 
     The md5 of json.dumps([{"md5": <file md5>, "relpath": <posix path>}, ...] sorted by relpath,
-    sort_keys=True) with ".dir" appended. Only files count (empty folders do not, as in DVC).
+    sort_keys=True) with ".dir" appended. Only files count (empty folders do not, as in DVC), and not
+    Snakemake's time marker in directory outputs: a record must not depend on which executor ran.
     """
     root = Path(path)
     entries = []
     for folder, _, files in os.walk(root):
         for name in files:
+            if name == SNAKEMAKE_MARKER:
+                continue
             file = Path(folder) / name
             entries.append({"md5": dvc_file_md5(file), "relpath": file.relative_to(root).as_posix()})
     entries.sort(key=lambda entry: entry["relpath"])
