@@ -17,8 +17,10 @@ motion vocabulary is built modulo that mirror, so a horizontal-flip augmentation
 class. The ssv2 stand-in, like the real dataset ("Pushing something from left to right" vs "... from
 right to left"), uses left/right pairs: there a horizontal flip turns a video into its paired class.
 
-ActivityNet's stand-in is untrimmed: 1-2 action segments (the class motion) inside background where
-the object only wobbles by under a pixel; the JSON segments are the exact times of the moving frames.
+ActivityNet's stand-in is untrimmed: 1-2 action segments (the class's scene and object, in motion)
+inside background that shows neither (the plain, untextured scene, as real untrimmed videos cut to
+other scenes): a frame tells action from background, as the one-frame-per-snippet TSN features of
+the localisation protocol need; the JSON segments are the exact times of the action frames.
 
 Everything is derived from the seed: the same seed gives byte-identical annotation files and videos
 that decode to identical frames.
@@ -269,7 +271,8 @@ def _appearance(sample_seed: int, width: int, height: int, mirror_invariant: boo
         "offset": rng.uniform(0, 1, size=2),
         "orbit_start": float(rng.uniform(0, 2 * math.pi)),
         "mirrored": bool(rng.integers(2)) if mirror_invariant else False,
-        "wobble_phase": rng.uniform(0, 2 * math.pi, size=2),
+        # no longer used; still drawn so that every later draw, hence every video, keeps its bytes
+        "unused_phase": rng.uniform(0, 2 * math.pi, size=2),
         # The scene texture's small per-video variation inside its family: the family, not the video,
         # sets the look (what colour-blind instance discrimination can pick up is then the pair).
         "texture_period": float(texture_rng.uniform(0.15, 0.18) * height),
@@ -364,7 +367,8 @@ def render_frames(
     """Render one video as uint8 [T, H, W, 3].
 
     Without `action_spans` the motion spans the whole clip. With spans (untrimmed videos) the motion
-    plays once inside each [start, end) frame range and the object only wobbles (< 1 px) elsewhere.
+    plays once inside each [start, end) frame range; the frames outside every span are background:
+    the scene without its texture and without the object.
     """
     if num_frames < 2:
         raise VclrError(f"a video needs at least 2 frames, got {num_frames}")
@@ -380,9 +384,11 @@ def render_frames(
             phase[end:] = repetition + 1
     object_xy, log_size, camera_xy = _trajectory(motion, phase, appearance, width, height)
     radius = appearance["radius"] * 2.0 ** (log_size - log_size.max())
-    if action_spans is not None:  # background jitter: slow sub-pixel wobble with no class motion
-        t = np.arange(num_frames)[:, None]
-        object_xy = object_xy + 0.4 * np.sin(2 * math.pi * t / 23.0 + appearance["wobble_phase"])
+    in_action = np.ones(num_frames, dtype=bool)
+    if action_spans is not None:
+        in_action[:] = False
+        for start, end in action_spans:
+            in_action[start:end] = True
 
     # Screen path = object path minus camera path; shrink the object path until it fits the frame.
     camera_px = np.round(camera_xy - camera_xy.min(axis=0)).astype(int)
@@ -400,10 +406,16 @@ def render_frames(
     world_width, world_height = width + camera_px[:, 0].max(), height + camera_px[:, 1].max()
     world = _background(appearance, int(world_width), int(world_height), texture_family)
     world_u8 = np.clip(np.rint(world), 0, 255).astype(np.uint8)
+    if not in_action.all():  # untrimmed: the background scene has no texture and no object
+        plain = np.clip(np.rint(_background(appearance, int(world_width), int(world_height))), 0, 255)
+        plain_u8 = plain.astype(np.uint8)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     colour = appearance["colour"].astype(np.float32)
     for t in range(num_frames):
         cx, cy = camera_px[t]
+        if not in_action[t]:
+            frames[t] = plain_u8[cy : cy + height, cx : cx + width]
+            continue
         frames[t] = world_u8[cy : cy + height, cx : cx + width]
         # Draw only inside the object's box (plus the outline): the rest of the frame is background.
         reach = radius[t] + 2.0
