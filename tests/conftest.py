@@ -45,6 +45,23 @@ def run(argv: list[str], cwd: Path, timeout: int = 1200) -> subprocess.Completed
     return result
 
 
+def run_together(commands: list[list[str]], directories: list[Path], timeout: int = 1800) -> None:
+    """Run commands side by side (each in its directory); fail, with its output, if any fails."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    logs = [cwd / ".run_together.log" for cwd in directories]  # files, not pipes: no full-pipe stalls
+    processes = []
+    for argv, cwd, log in zip(commands, directories, logs):
+        with open(log, "w") as handle:
+            processes.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT))
+    for process in processes:
+        process.wait(timeout=timeout)
+    for argv, process, log in zip(commands, processes, logs):
+        output = log.read_text()
+        log.unlink()
+        if process.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {process.returncode}\n{output[-6000:]}")
+
+
 @pytest.fixture(scope="session")
 def real_annotations() -> Path:
     if not REAL_ANNOTATIONS.is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_checkout, run
+from conftest import copy_checkout, run, run_together
 from vclr.config import config_hash, load_config
 from vclr.data import DATASETS
 from vclr.evaluate.record import SNAKEMAKE_MARKER, dvc_dir_md5, dvc_file_md5, read_metrics_record
@@ -37,10 +37,11 @@ def micro_runs(tmp_path_factory) -> tuple[Path, Path]:
     """(checkout where `snakemake all_tables` ran, checkout where `dvc repro` ran) on the micro
     profile, each a fresh copy of this checkout."""
     snakemake_run = copy_checkout(tmp_path_factory.mktemp("micro_snakemake"))
-    run([sys.executable, "-m", "snakemake", "--cores", "2", "all_tables", "--configfile", MICRO], cwd=snakemake_run)
     dvc_run = copy_checkout(tmp_path_factory.mktemp("micro_dvc"))
     run([sys.executable, "-m", "vclr", "pipeline", "dvc", "--config", MICRO, "--out", MICRO_DVC_YAML], cwd=dvc_run)
-    run(["dvc", "repro", MICRO_DVC_YAML], cwd=dvc_run)
+    # side by side, one core each: DVC runs one stage at a time, and the micro DAG is narrow
+    run_together([[sys.executable, "-m", "snakemake", "--cores", "1", "all_tables", "--configfile", MICRO],
+                  ["dvc", "repro", MICRO_DVC_YAML]], [snakemake_run, dvc_run])
     return snakemake_run, dvc_run
 
 
