@@ -73,5 +73,5 @@ def real_annotations() -> Path:
 def tiny_pipeline(tmp_path_factory) -> Path:
     """A fresh copy of the checkout where `snakemake all_tables` ran on the tiny profile."""
     checkout = copy_checkout(tmp_path_factory.mktemp("tiny_snakemake"))
-    run([sys.executable, "-m", "snakemake", "--cores", "2", "all_tables"], cwd=checkout)
+    run([sys.executable, "-m", "snakemake", "--cores", "2", "all_tables"], cwd=checkout, timeout=2400)
     return checkout

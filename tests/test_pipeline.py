@@ -18,7 +18,8 @@ from vclr.data import DATASETS
 from vclr.evaluate.record import SNAKEMAKE_MARKER, dvc_dir_md5, dvc_file_md5, read_metrics_record
 from vclr.matrix import expand_jobs
 
-pytestmark = pytest.mark.pipeline
+# the first test also pays for the session's tiny pipeline (~13 min on 2 shared cores)
+pytestmark = [pytest.mark.pipeline, pytest.mark.timeout(2700)]
 
 TINY = load_config(Path(__file__).resolve().parents[1] / "config/config.yaml")
 DATA = Path(TINY["paths"]["data"])
