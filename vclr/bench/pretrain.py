@@ -7,7 +7,10 @@ momentum update, enqueue. The modes run on the same synthetic tensors, interleav
 its own) is excluded. Then the real loop, `pretrain(...)` with data loading from packed frames, is
 timed at the same shapes and reported as a fraction of the synthetic-tensor rate of its mode.
 The synthetic-tensor path imports only torch (and the vclr model code), so it runs on a GPU machine
-without extra packages.
+without extra packages (a 3D backbone also needs pytorchvideo).
+
+3D backbones (vclr.models.video3d): each segment sample is a clip [3,T,crop,crop] (--clip-frames,
+--clip-stride); the modes are the same, channels_last meaning channels_last_3d for clips.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from pathlib import Path
 
 import torch
 
+from vclr.data.sampling import clip_span
 from vclr.errors import VclrError
 from vclr.io_utils import atomic_write_json
-from vclr.models.backbones import BACKBONES, build_backbone
+from vclr.models.backbones import ALL_BACKBONES, build_backbone, is_video_backbone
 from vclr.models.vclr import ORDER_CLASSES, Vclr, VclrModel
+from vclr.models.video3d import DEFAULT_CLIP_FRAMES, DEFAULT_CLIP_STRIDE, memory_format
 from vclr.train.distributed import resolve_device
 from vclr.train.losses import LOSS_TERMS, vclr_loss
 from vclr.train.schedule import scaled_lr
@@ -47,10 +52,13 @@ STEP_SETTINGS = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "alpha": 0.99
 
 
 def synthetic_batch(batch: int, crop: int, segments: int, device: torch.device,
-                    generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The batch entries of vclr.models.vclr.BATCH_KEYS, as the data loader delivers them (contiguous)."""
+                    generator: torch.Generator, clip_frames: int | None = None) -> dict[str, torch.Tensor]:
+    """The batch entries of vclr.models.vclr.BATCH_KEYS, as the data loader delivers them (contiguous);
+    with clip_frames each view is a clip [3, clip_frames, crop, crop]."""
+    sample = (3, crop, crop) if clip_frames is None else (3, clip_frames, crop, crop)
+
     def images(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, 3, crop, crop, generator=generator).to(device)
+        return torch.randn(*shape, *sample, generator=generator).to(device)
 
     return {"xq": images(batch), "x1": images(batch), "x2": images(batch), "x3": images(batch),
             "query_tuple": images(batch, segments), "key_tuple": images(batch, segments),
@@ -65,7 +73,7 @@ def build_mode(mode: str, shapes: dict, device: torch.device, seed: int):
     model = VclrModel(backbone, feature_dim, num_segments=shapes["segments"])
     vclr = Vclr(model, queue_size=shapes["queue_size"], generator=torch.Generator().manual_seed(seed))
     if channels_last:
-        vclr = vclr.to(memory_format=torch.channels_last)
+        vclr = vclr.to(memory_format=memory_format(is_video_backbone(shapes["backbone"]), True))
     vclr = vclr.to(device)
     optimizer = torch.optim.SGD(vclr.model.parameters(), lr=scaled_lr(STEP_SETTINGS["lr"], shapes["batch"]),
                                 momentum=STEP_SETTINGS["momentum"], weight_decay=STEP_SETTINGS["weight_decay"])
@@ -112,7 +120,7 @@ def bench_synthetic(modes: list[str], shapes: dict, device: torch.device, rounds
     the real-loop run in time: the shared machine's load drifts between minutes.
     """
     batch = synthetic_batch(shapes["batch"], shapes["crop"], shapes["segments"], device,
-                            torch.Generator().manual_seed(seed))
+                            torch.Generator().manual_seed(seed), shapes.get("clip_frames"))
     setups, results = {}, {}
     for mode in modes:
         vclr, optimizer = build_mode(mode, shapes, device, seed)
@@ -150,11 +158,12 @@ def bench_synthetic(modes: list[str], shapes: dict, device: torch.device, rounds
     return results, remeasure
 
 
-def make_packed_dataset(work: Path, videos: int, crop: int, workers: int, seed: int = 0) -> tuple[Path, Path]:
+def make_packed_dataset(work: Path, videos: int, crop: int, workers: int, seed: int = 0,
+                        frames: int = 32) -> tuple[Path, Path]:
     """(index CSV, frames dir) of `videos` synthetic UCF101-layout clips, made by the real tools.
 
-    Generated small (128x96, 32 frames: cheap to render), extracted to the short side the paper's
-    frames have relative to the crop (256 for 224) so JPEG decoding and cropping cost what they will.
+    Generated small (128x96, 32 frames by default: cheap to render), extracted to the short side the
+    paper's frames have relative to the crop (256 for 224) so JPEG decoding and cropping cost what they will.
     """
     from vclr.data.extract import ExtractSettings, run_extract
     from vclr.data.index import build_index
@@ -164,7 +173,7 @@ def make_packed_dataset(work: Path, videos: int, crop: int, workers: int, seed: 
     per_class = math.ceil(videos / classes)
     raw, frames_dir, index_dir = work / "raw", work / "frames", work / "index"
     generate_dataset("ucf101", raw, seed, classes=classes, train_per_class=per_class, test_per_class=1,
-                     frames=32)
+                     frames=frames)
     short_side = 2 * math.ceil(crop * 256 / 224 / 2)
     settings = ExtractSettings(fps=None, short_side=short_side, size=None, num_frames=None, quality=90,
                                shards=4)
@@ -198,7 +207,8 @@ def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, f
                 "segments": shapes["segments"], "queue_size": shapes["queue_size"], "epochs": epochs,
                 "workers": workers, "checkpoint_every": epochs, "bf16": bf16, "channels_last": channels_last,
                 "compile": compile_backbones, "device": device.type, "seed": seed,
-                "max_steps": total_steps, "augment": augment}
+                "max_steps": total_steps, "augment": augment,
+                **{key: shapes[key] for key in ("clip_frames", "clip_stride") if key in shapes}}
     started = time.perf_counter()
     summary = pretrain(settings, index_csv, frames_dir, out_dir, resume=False)
     wall_s = time.perf_counter() - started
@@ -220,7 +230,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=("paper", "cpu"),
                         help="shapes: paper = resnet50, batch 64, crop 224 (default on cuda); cpu = resnet18, "
                              "batch 8, crop 112 (default on cpu); explicit flags override it")
-    parser.add_argument("--backbone", choices=BACKBONES)
+    parser.add_argument("--backbone", choices=ALL_BACKBONES, help="2D (frames) or 3D (clips): "
+                        + ", ".join(ALL_BACKBONES))
+    parser.add_argument("--clip-frames", type=int,
+                        help=f"3D backbones: frames per segment clip (default {DEFAULT_CLIP_FRAMES})")
+    parser.add_argument("--clip-stride", type=int,
+                        help=f"3D backbones: frame step inside a clip (default {DEFAULT_CLIP_STRIDE})")
     parser.add_argument("--batch", type=int, help="videos per step")
     parser.add_argument("--crop", type=int)
     parser.add_argument("--segments", type=int, default=PAPER_SHAPES["segments"], help="K")
@@ -249,7 +264,15 @@ def resolve_shapes(args: argparse.Namespace, device: torch.device) -> dict:
         if getattr(args, name) is not None:
             shapes[name] = getattr(args, name)
     shapes.update(segments=args.segments, queue_size=args.queue_size, preset=preset)
-    for name in ("batch", "crop", "segments", "queue_size"):
+    if is_video_backbone(shapes["backbone"]):  # 2D shapes carry no clip keys
+        shapes.update(clip_frames=DEFAULT_CLIP_FRAMES if args.clip_frames is None else args.clip_frames,
+                      clip_stride=DEFAULT_CLIP_STRIDE if args.clip_stride is None else args.clip_stride)
+    elif args.clip_frames is not None or args.clip_stride is not None:
+        raise VclrError(f"--clip-frames / --clip-stride: backbone {shapes['backbone']!r} is 2D (frames); "
+                        f"clips need a 3D backbone")
+    for name in ("batch", "crop", "segments", "queue_size", "clip_frames", "clip_stride"):
+        if name not in shapes:
+            continue
         if shapes[name] <= 0:
             raise VclrError(f"--{name.replace('_', '-')} must be positive, got {shapes[name]}")
     if shapes["queue_size"] % shapes["batch"]:
@@ -275,8 +298,10 @@ def main(args: argparse.Namespace) -> int:
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # as the training loop sets it
     where = torch.cuda.get_device_name(device) if on_cuda else f"cpu, {torch.get_num_threads()} threads"
+    clip = (f", clips of {shapes['clip_frames']} frames every {shapes['clip_stride']}"
+            if "clip_frames" in shapes else "")
     print(f"device {device} ({where}), torch {torch.__version__}; {shapes['backbone']}, batch {shapes['batch']}, "
-          f"crop {shapes['crop']}, K={shapes['segments']}, queue {shapes['queue_size']}")
+          f"crop {shapes['crop']}, K={shapes['segments']}, queue {shapes['queue_size']}{clip}")
     print(f"synthetic tensors: {args.rounds} rounds x {steps} steps per mode (after 1 + {args.warmup} warm-up)")
     synthetic, remeasure = bench_synthetic(modes, shapes, device, args.rounds, steps, args.warmup)
     result = {
@@ -302,7 +327,9 @@ def main(args: argparse.Namespace) -> int:
                 videos = shapes["batch"] * 4
                 print(f"real loop: generating + extracting {videos} synthetic videos ...")
                 started = time.perf_counter()
-                index_csv, frames_dir = make_packed_dataset(work, videos, shapes["crop"], workers)
+                span = clip_span(shapes.get("clip_frames", 1), shapes.get("clip_stride", 1))
+                index_csv, frames_dir = make_packed_dataset(work, videos, shapes["crop"], workers,
+                                                            frames=max(32, shapes["segments"] * span))
                 print(f"  data made in {time.perf_counter() - started:.1f} s")
             else:
                 index_csv, frames_dir = args.index, args.frames

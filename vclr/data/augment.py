@@ -48,3 +48,11 @@ def augment_frames(frames: Sequence[torch.Tensor] | torch.Tensor, transform: v2.
                    generator: torch.Generator) -> torch.Tensor:
     """Each frame its own draw: [N,3,H,W] uint8 (or a list of [3,H,W]) -> [N,3,crop,crop] float32."""
     return torch.stack([augment_frame(frame, transform, generator) for frame in frames])
+
+
+def augment_clips(clips: Sequence[torch.Tensor], transform: v2.Compose, generator: torch.Generator) -> torch.Tensor:
+    """Each clip (uint8 [T,3,H,W]) one draw, applied to all its T frames (video augmentation: the
+    same crop, flip, colour jitter, grayscale and blur for every frame; torchvision.transforms.v2
+    draws one parameter set per call and its image kernels treat leading dimensions as a batch)
+    -> [N,3,T,crop,crop] float32, the layout of a 3D backbone's input."""
+    return torch.stack([augment_frame(clip, transform, generator).transpose(0, 1) for clip in clips])

@@ -24,6 +24,10 @@ kernel with symmetric padding). Differences from the reference: it computes in f
 reference rounds to uint8 after each op, and the crop is bilinear without torchvision's antialias
 filter when a crop is shrunk (only crops larger than the output; at most ~1.5x for 340x256 frames).
 
+Clips (3D backbones): one parameter set is drawn per clip and broadcast over its T frames
+(`apply_clip_params`), so every frame of a clip gets the same crop, flip, jitter, grayscale and blur,
+as video augmentation requires; the frames then run through the same per-frame chain.
+
 Imports only torch, torchvision and vclr modules that need nothing else (vclr.bench.input runs on a
 GPU machine without the project's extras).
 """
@@ -53,6 +57,9 @@ FLIP_P = 0.5
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # jitter op ids, torchvision's fn_idx numbering
 CPU_CHUNK = 8  # views per pass on a CPU (1 thread, 64 views: 8 ~1.1x faster than 16, 1.6x than 64)
+# Clips: the same pixels per pass as CPU_CHUNK views of 224 x 224 (at small crops a pass over 8 views
+# is all per-op overhead: 896 views of 48 x 48 took ~15x longer in chunks of 8 than in one pass).
+CPU_CHUNK_PIXELS = CPU_CHUNK * 224 * 224
 
 
 @dataclass
@@ -402,6 +409,30 @@ def augment_batch(frames, generator: torch.Generator, *, crop_size: int = 224, *
     """draw_params + apply_params, one independent draw per frame."""
     batch, sizes = _stack_with_sizes(frames)
     return apply_params(batch, draw_params(sizes, generator), crop_size=crop_size, sizes=sizes, **kwargs)
+
+
+def broadcast_params(params: AugmentParams, count: int) -> AugmentParams:
+    """Each parameter set repeated `count` times in a row (one clip's draw for each of its frames)."""
+    return params.select(torch.arange(len(params)).repeat_interleave(count))
+
+
+def apply_clip_params(frames, params: AugmentParams, *, clip_frames: int, crop_size: int, source=None,
+                      channels_last: bool = False, **kwargs) -> torch.Tensor:
+    """apply_params for n clips of T = clip_frames frames, params[i] (one per clip) applied to all
+    frames of clip i: frames [F,3,H,W] (or a list), source [n,T] frame indices of each clip (default
+    frames i*T .. i*T+T-1) -> normalised [n,3,T,crop,crop] (channels_last: channels_last_3d)."""
+    n = len(params)
+    if source is None:
+        source = torch.arange(n * clip_frames).view(n, clip_frames)
+    source = torch.as_tensor(source).reshape(n, clip_frames)
+    device = frames.device if isinstance(frames, torch.Tensor) else frames[0].device
+    if kwargs.get("chunk") is None and device.type == "cpu":
+        kwargs["chunk"] = max(CPU_CHUNK, CPU_CHUNK_PIXELS // crop_size ** 2)
+    views = apply_params(frames, broadcast_params(params, clip_frames), crop_size=crop_size,
+                         source=source.flatten(), channels_last=channels_last, **kwargs)
+    # [n*T,3,c,c] -> [n,3,T,c,c]: channels_last frames are channels_last_3d clips without a copy
+    clips = views.unflatten(0, (n, clip_frames)).transpose(1, 2)
+    return clips if channels_last else clips.contiguous()
 
 
 # -------------------------------------------------------------------------- decoding and eval crops

@@ -8,6 +8,11 @@ crop and flip apply to every frame of a clip (as in TSN/mmaction2). Geometry fol
 the authors' stack: Resize(short side S) -> RandomResizedCrop (area 0.08-1, ratio 3/4-4/3) or
 MultiScaleCrop (scales 1/.875/.75/.66, max w/h scale gap 1, 13 fixed offsets) -> resize to the crop
 -> flip p=0.5 (not for SSv2); test: N frames at segment centres, centre / three / ten crop.
+
+A 3D backbone's classifier takes a clip per segment instead of a frame (clip_frames frames every
+clip_stride frames): training draws each segment's clip start uniformly among the starts that keep
+the clip inside its segment; the test centres each clip on its segment centre. Items get a time
+axis ([K,3,T,crop,crop] / [V,N,3,T,crop,crop]); the geometry is the same for every frame.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch.utils.data import Dataset
 from vclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from vclr.data.index import IndexRow
 from vclr.data.packed import PackedFrames
-from vclr.data.sampling import segment_bounds
+from vclr.data.sampling import check_clip, clip_frame_indices, clip_span, segment_bounds
 from vclr.errors import VclrError
 
 AUGMENTATIONS = ("resized_crop", "multi_scale")
@@ -118,21 +123,49 @@ def item_rng(seed: int, epoch: int, index: int, rank: int = 0) -> np.random.Gene
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index, rank, 7])))
 
 
-def train_frame_indices(length: int, num_segments: int, rng: np.random.Generator) -> list[int]:
+def train_frame_indices(length: int, num_segments: int, rng: np.random.Generator,
+                        clip_frames: int | None = None, clip_stride: int = 1) -> list[int]:
     """TSN's training sampling: one uniformly drawn frame in each of K contiguous segments
-    (vclr.data.sampling.segment_bounds); 0-based indices into the clip."""
+    (vclr.data.sampling.segment_bounds); 0-based indices into the clip.
+
+    With clip_frames = T: one clip per segment, its start drawn uniformly among the starts that keep
+    it inside the segment (the segment start if none does; frames past the segment's end repeat its
+    last frame); K*T indices, segment after segment."""
     if length < num_segments:
         raise VclrError(f"a clip of {length} frames cannot give {num_segments} segments")
-    return [start + int(rng.integers(stop - start)) for start, stop in segment_bounds(length, num_segments)]
+    bounds = segment_bounds(length, num_segments)
+    if clip_frames is None:
+        return [start + int(rng.integers(stop - start)) for start, stop in bounds]
+    span = clip_span(clip_frames, clip_stride)
+    return [i for start, stop in bounds
+            for i in clip_frame_indices(start + int(rng.integers(max(1, stop - start - span + 1))), clip_frames,
+                                        clip_stride, stop)]
 
 
-def eval_frame_indices(length: int, num_frames: int) -> list[int]:
+def eval_frame_indices(length: int, num_frames: int, clip_frames: int | None = None,
+                       clip_stride: int = 1) -> list[int]:
     """TSN's test sampling: the centre frame of each of `num_frames` equal segments (mmaction2's
-    SampleFrames in test mode); a clip shorter than num_frames repeats frames."""
+    SampleFrames in test mode); a clip shorter than num_frames repeats frames.
+
+    With clip_frames = T: `num_frames` clips, each centred on its segment's centre frame and moved
+    inside the video where it would reach past an end (frames past the last repeat it); N*T indices."""
     if length < 1 or num_frames < 1:
         raise VclrError(f"need a clip of >= 1 frame and >= 1 test frame, got {length} and {num_frames}")
     interval = length / num_frames
-    return [min(length - 1, int(interval * k + interval / 2)) for k in range(num_frames)]
+    centres = [min(length - 1, int(interval * k + interval / 2)) for k in range(num_frames)]
+    if clip_frames is None:
+        return centres
+    span = clip_span(clip_frames, clip_stride)
+    starts = [min(max(0, centre - (span - 1) // 2), max(0, length - span)) for centre in centres]
+    return [i for start in starts for i in clip_frame_indices(start, clip_frames, clip_stride, length)]
+
+
+def to_clips(views: torch.Tensor, clip_frames: int | None) -> torch.Tensor:
+    """[..., N*T, 3, H, W] frames, clip after clip -> [..., N, 3, T, H, W] (a 3D backbone's input);
+    unchanged without clip_frames."""
+    if clip_frames is None:
+        return views
+    return views.unflatten(-4, (-1, clip_frames)).transpose(-4, -3).contiguous()
 
 
 # ------------------------------------------------------------------------------------- geometry
@@ -256,14 +289,17 @@ def eval_views(frames: torch.Tensor, *, short_side: int, crop: int, views: str) 
 
 class FinetuneTrainDataset(Dataset):
     """(clip [K,3,crop,crop] float32, label) per training clip; call set_epoch before each epoch.
+    With clip_frames = T (a 3D backbone): [K,3,T,crop,crop], one T-frame clip per segment.
 
     rank stays 0 under DDP (as in pretraining), so a sample does not depend on the process count.
     """
 
     def __init__(self, clips: Sequence[Clip], frames: PackedFrames, index_file: str | os.PathLike, *,
                  num_segments: int, short_side: int, crop: int, augmentation: str, flip: bool, seed: int,
-                 rank: int = 0):
+                 rank: int = 0, clip_frames: int | None = None, clip_stride: int = 1):
         check_clip_lengths(clips, num_segments, index_file, "training segments")
+        check_clip(clip_frames, clip_stride, "fine-tuning")
+        self.clip_frames, self.clip_stride = clip_frames, clip_stride
         if augmentation not in AUGMENTATIONS:
             raise VclrError(f"augmentation {augmentation!r} not one of {', '.join(AUGMENTATIONS)}")
         self.clips, self.frames = list(clips), frames
@@ -279,22 +315,28 @@ class FinetuneTrainDataset(Dataset):
 
     def frame_indices(self, index: int, rng: np.random.Generator) -> list[int]:
         clip = self.clips[index]
-        return [clip.start + i for i in train_frame_indices(clip.length, self.num_segments, rng)]
+        return [clip.start + i for i in train_frame_indices(clip.length, self.num_segments, rng, self.clip_frames,
+                                                            self.clip_stride)]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         clip = self.clips[index]
         rng = item_rng(self.seed, self.epoch, index, self.rank)
         frames = torch.stack([self.frames.read_frame(clip.video_id, i) for i in self.frame_indices(index, rng)])
-        return train_views(frames, rng, short_side=self.short_side, crop=self.crop,
-                           augmentation=self.augmentation, flip=self.flip), clip.label
+        views = train_views(frames, rng, short_side=self.short_side, crop=self.crop,
+                            augmentation=self.augmentation, flip=self.flip)
+        return to_clips(views, self.clip_frames), clip.label
 
 
 class FinetuneTestDataset(Dataset):
     """(views [V,T,3,crop,crop] float32, label, clip index) per test clip: T frames at segment
-    centres, V crops (centre / three / ten)."""
+    centres, V crops (centre / three / ten). With clip_frames (a 3D backbone): [V,N,3,clip_frames,crop,crop],
+    N = num_frames clips centred on the segment centres."""
 
     def __init__(self, clips: Sequence[Clip], frames: PackedFrames, index_file: str | os.PathLike, *,
-                 num_frames: int, short_side: int, crop: int, views: str):
+                 num_frames: int, short_side: int, crop: int, views: str, clip_frames: int | None = None,
+                 clip_stride: int = 1):
+        check_clip(clip_frames, clip_stride, "fine-tuning test")
+        self.clip_frames, self.clip_stride = clip_frames, clip_stride
         if views not in TEST_VIEWS:
             raise VclrError(f"test views {views!r} not one of {', '.join(TEST_VIEWS)}")
         if crop > short_side:
@@ -308,6 +350,8 @@ class FinetuneTestDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         clip = self.clips[index]
-        indices = [clip.start + i for i in eval_frame_indices(clip.length, self.num_frames)]
+        indices = [clip.start + i for i in eval_frame_indices(clip.length, self.num_frames, self.clip_frames,
+                                                              self.clip_stride)]
         frames = torch.stack([self.frames.read_frame(clip.video_id, i) for i in indices])
-        return eval_views(frames, short_side=self.short_side, crop=self.crop, views=self.views), clip.label, index
+        views = eval_views(frames, short_side=self.short_side, crop=self.crop, views=self.views)
+        return to_clips(views, self.clip_frames), clip.label, index

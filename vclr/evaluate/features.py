@@ -4,6 +4,10 @@ Per video: `num_frames` frames at uniform_frame_indices, each centre-cropped to 
 (a frame whose short side is under `crop` is first resized up so the short side equals it), ImageNet
 normalised, through the backbone trunk (global-average-pooled feature, no head); the frame features
 are averaged. Saved as one .npz with the provenance needed to tell two feature files apart.
+
+A 3D backbone takes clips: `num_frames` clips per video (clip_frames frames every clip_stride frames,
+clip starts spread uniformly over the video, frames past its end repeat the last one), each clip
+through the trunk, the clip features averaged; the crop and normalisation are the same.
 """
 
 from __future__ import annotations
@@ -25,14 +29,17 @@ from vclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from vclr.data.frames import VideoFrameDataset, uniform_frame_indices
 from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames
+from vclr.data.sampling import check_clip, clip_frame_indices, clip_span
 from vclr.errors import VclrError
 from vclr.io_utils import atomic_open
 from vclr.models.backbones import (
-    BACKBONES,
+    ALL_BACKBONES,
     build_backbone,
     copy_checked,
+    is_video_backbone,
     read_checkpoint_file,
 )
+from vclr.models.video3d import DEFAULT_CLIP_FRAMES, DEFAULT_CLIP_STRIDE
 from vclr.train.checkpoint import CHECKPOINT_FORMAT
 from vclr.train.distributed import resolve_device
 
@@ -90,27 +97,45 @@ def _eval_transform(crop: int):
     return transform
 
 
+def uniform_clip_indices(num_frames: int, num_clips: int, clip_frames: int, clip_stride: int) -> list[int]:
+    """num_clips clips of clip_frames frames (every clip_stride), starts spread evenly over the
+    positions where a clip fits (0 only, if none does; frames past the end repeat the last one):
+    the frame indices, clip after clip."""
+    starts = uniform_frame_indices(max(1, num_frames - clip_span(clip_frames, clip_stride) + 1), num_clips)
+    return [i for start in starts for i in clip_frame_indices(start, clip_frames, clip_stride, num_frames)]
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, num_frames: int = 30,
                      crop: int = 224, batch_size: int = 240, device: str | torch.device = "cpu",
-                     workers: int = 0) -> tuple[np.ndarray, list[str], np.ndarray]:
+                     workers: int = 0, clip_frames: int | None = None,
+                     clip_stride: int = 1) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(features float32 [N,D], video_ids, labels) for the found rows, in row order.
 
     `batch_size` counts frames: whole videos are batched, batch_size // num_frames of them (at least 1).
     bf16 autocast on CUDA, fp32 on CPU; the average over frames is always taken in fp32.
+    With clip_frames (a 3D backbone): `num_frames` clips per video (uniform_clip_indices), each
+    [3,clip_frames,crop,crop] through the trunk; batch_size // (num_frames * clip_frames) videos per batch.
     """
     device = torch.device(device)
-    dataset = VideoFrameDataset(rows, frames, lambda count, _: uniform_frame_indices(count, num_frames),
-                                _eval_transform(crop))
+    check_clip(clip_frames, clip_stride, "feature extraction")
+    per_sample = clip_frames or 1
+    if clip_frames is None:
+        indices = lambda count, _: uniform_frame_indices(count, num_frames)  # noqa: E731
+    else:
+        indices = lambda count, _: uniform_clip_indices(count, num_frames, clip_frames, clip_stride)  # noqa: E731
+    dataset = VideoFrameDataset(rows, frames, indices, _eval_transform(crop))
     if len(dataset) == 0:
         raise VclrError(f"{frames.frames_dir}: no found videos to extract features from")
-    loader = DataLoader(dataset, batch_size=max(1, batch_size // num_frames), num_workers=workers,
+    loader = DataLoader(dataset, batch_size=max(1, batch_size // (num_frames * per_sample)), num_workers=workers,
                         pin_memory=device.type == "cuda")
     backbone = backbone.to(device).eval()
     features, video_ids, labels = [], [], []
     for clips, clip_labels, clip_ids in loader:
         videos = clips.shape[0]
         clips = clips.to(device, non_blocking=True).flatten(0, 1)
+        if clip_frames is not None:  # [videos*n*T,3,c,c] -> [videos*n,3,T,c,c]
+            clips = clips.unflatten(0, (-1, clip_frames)).transpose(1, 2).contiguous()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             output = backbone(clips)
         features.append(output.float().view(videos, num_frames, -1).mean(1).cpu())
@@ -173,7 +198,7 @@ def load_feature_pair(train_path: str | os.PathLike, test_path: str | os.PathLik
     """(train, test, class names by label) of two feature files that must come from the same
     backbone and extraction settings (a VclrError names both files and the differing key)."""
     train, test = load_features(train_path), load_features(test_path)
-    for field in ("backbone", "checkpoint_sha256", "checkpoint", "num_frames", "crop"):
+    for field in ("backbone", "checkpoint_sha256", "checkpoint", "num_frames", "crop", "clip_frames", "clip_stride"):
         if train["provenance"].get(field) != test["provenance"].get(field):
             raise VclrError(f"{train_path} and {test_path}: provenance key {field!r} differs "
                             f"({train['provenance'].get(field)!r} vs {test['provenance'].get(field)!r}); "
@@ -207,12 +232,14 @@ def check_labelled_splits(train_features, train_labels, test_features, test_labe
 def features_for_split(backbone_name: str, checkpoint: str, index_csv: str | os.PathLike,
                        frames_dir: str | os.PathLike, out: str | os.PathLike, num_frames: int = 30,
                        crop: int = 224, batch_size: int = 240, device: str = "cpu", seed: int = 0,
-                       workers: int = 0) -> dict:
-    """Load, extract and save; returns the provenance written."""
+                       workers: int = 0, clip_frames: int | None = None, clip_stride: int | None = None) -> dict:
+    """Load, extract and save; returns the provenance written. A 3D backbone takes clips
+    (clip_frames / clip_stride: None = DEFAULT_CLIP_FRAMES / DEFAULT_CLIP_STRIDE); a 2D one refuses them."""
+    clip = resolve_feature_clip(backbone_name, clip_frames, clip_stride)
     rows = read_split(index_csv)
     backbone = load_backbone(checkpoint, backbone_name, seed=seed)
     features, video_ids, labels = extract_features(backbone, rows, PackedFrames(frames_dir), num_frames, crop,
-                                                   batch_size, device, workers)
+                                                   batch_size, device, workers, **clip)
     names = {row.label: row.label_name for row in rows}
     is_random = checkpoint == "random"
     provenance = {
@@ -224,18 +251,38 @@ def features_for_split(backbone_name: str, checkpoint: str, index_csv: str | os.
         "skipped_not_found": sum(row.status != "found" for row in rows),
         "class_names": {str(label): names[int(label)] for label in sorted(set(labels.tolist()))},
     }
+    if clip["clip_frames"] is not None:  # 3D: num_frames counts clips
+        provenance.update(clip)
     save_features(out, features, video_ids, labels, provenance)
     return provenance
 
 
+def resolve_feature_clip(backbone_name: str, clip_frames: int | None, clip_stride: int | None) -> dict:
+    """{clip_frames, clip_stride} for extract_features: defaults for a 3D backbone; a 2D one takes none."""
+    if not is_video_backbone(backbone_name):
+        if clip_frames is not None or clip_stride is not None:
+            raise VclrError(f"--clip-frames / --clip-stride: backbone {backbone_name!r} is 2D (frames); "
+                            f"clips need a 3D backbone")
+        return {"clip_frames": None, "clip_stride": 1}
+    clip = {"clip_frames": DEFAULT_CLIP_FRAMES if clip_frames is None else clip_frames,
+            "clip_stride": DEFAULT_CLIP_STRIDE if clip_stride is None else clip_stride}
+    check_clip(clip["clip_frames"], clip["clip_stride"], "--clip-frames / --clip-stride")
+    return clip
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, choices=BACKBONES)
+    parser.add_argument("--backbone", required=True, choices=ALL_BACKBONES)
     parser.add_argument("--checkpoint", required=True,
                         help="backbone.pt, checkpoint_last.pt (query backbone) or 'random'")
     parser.add_argument("--index", required=True, type=Path, help="split CSV, e.g. INDEX/train.csv")
     parser.add_argument("--frames", required=True, type=Path, help="packed-frames directory")
     parser.add_argument("--out", required=True, type=Path, help="features file to write (.npz)")
-    parser.add_argument("--num-frames", type=int, default=30)
+    parser.add_argument("--num-frames", type=int, default=30,
+                        help="frames per video (2D backbone); clips per video (3D backbone)")
+    parser.add_argument("--clip-frames", type=int, default=None,
+                        help=f"3D backbones: frames per clip (default {DEFAULT_CLIP_FRAMES})")
+    parser.add_argument("--clip-stride", type=int, default=None,
+                        help=f"3D backbones: frame step inside a clip (default {DEFAULT_CLIP_STRIDE})")
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=240, help="frames per forward pass")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -249,6 +296,7 @@ def main(args: argparse.Namespace) -> int:
             raise VclrError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     device = resolve_device(args.device)
     provenance = features_for_split(args.backbone, args.checkpoint, args.index, args.frames, args.out,
-                                    args.num_frames, args.crop, args.batch_size, device, args.seed, args.workers)
+                                    args.num_frames, args.crop, args.batch_size, device, args.seed, args.workers,
+                                    args.clip_frames, args.clip_stride)
     print(f"{provenance['videos']} videos ({provenance['skipped_not_found']} not found, skipped) -> {args.out}")
     return 0

@@ -1,8 +1,10 @@
-"""2D ResNet trunks (torchvision layout, fc removed) and the import of ImageNet MoCo v2 weights.
+"""2D ResNet trunks (torchvision layout, fc removed), the 3D video trunks of vclr.models.video3d,
+and the import of ImageNet MoCo v2 weights.
 
-Every trunk keeps torchvision's attribute names (conv1, bn1, layer1..4), so torchvision and MoCo
+Every 2D trunk keeps torchvision's attribute names (conv1, bn1, layer1..4), so torchvision and MoCo
 checkpoints map onto it key for key; `fc` is an Identity, so `trunk(x)` is the global-average-pooled
-feature [N, feature_dim].
+feature [N, feature_dim] of frames [N, 3, H, W]. A 3D trunk (VIDEO_BACKBONES) maps clips
+[N, 3, T, H, W] to [N, feature_dim] the same way; everything downstream takes either.
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 from vclr.errors import VclrError
+from vclr.models.video3d import (
+    IGNORED_KEY_PREFIXES,
+    VIDEO_BACKBONES,
+    build_video_backbone,
+)
 
-BACKBONES = ("resnet50", "resnet18", "resnet_tiny")
+BACKBONES = ("resnet50", "resnet18", "resnet_tiny")  # 2D: one frame per segment sample
+ALL_BACKBONES = BACKBONES + VIDEO_BACKBONES  # + 3D: one clip per segment sample
 TINY_WIDTHS = (16, 32, 64, 128)
 
 # The MoCo v2 checkpoint prefixes (the query encoder, saved from a DataParallel/DDP-wrapped model).
@@ -64,13 +72,23 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
-    """(trunk, feature_dim) for `name` in BACKBONES, randomly initialised (no download ever).
+def is_video_backbone(name: str) -> bool:
+    """True for the 3D trunks, whose segment samples are clips [3, T, H, W] instead of frames."""
+    return name in VIDEO_BACKBONES
 
-    `pretrained`: optional path to a torchvision-layout state_dict (a file of `{key: tensor}`, or a
-    dict holding it under `state_dict`); `fc.*` entries are ignored, every trunk key must match.
+
+def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tuple[nn.Module, int]:
+    """(trunk, feature_dim) for `name` in ALL_BACKBONES, randomly initialised (no download ever).
+
+    `pretrained`: optional path to a state_dict in the trunk's layout (a file of `{key: tensor}`, or a
+    dict holding it under `state_dict`); classifier entries (`fc.*`; a pytorchvideo X3D's
+    `blocks.5.proj.*`) are ignored, every trunk key must match.
     """
-    if name == "resnet50":
+    ignored = ("fc.",)
+    if is_video_backbone(name):
+        trunk, feature_dim = build_video_backbone(name)
+        ignored += IGNORED_KEY_PREFIXES.get(name, ())
+    elif name == "resnet50":
         trunk, feature_dim = resnet50(weights=None), 2048
     elif name == "resnet18":
         trunk, feature_dim = resnet18(weights=None), 512
@@ -78,11 +96,12 @@ def build_backbone(name: str, pretrained: str | os.PathLike | None = None) -> tu
         trunk = TinyResNet()
         feature_dim = trunk.feature_dim
     else:
-        raise VclrError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
-    trunk.fc = nn.Identity()
+        raise VclrError(f"unknown backbone {name!r}; expected one of {', '.join(ALL_BACKBONES)}")
+    if not is_video_backbone(name):
+        trunk.fc = nn.Identity()
     if pretrained is not None:
         state = _load_state_dict(pretrained)
-        state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+        state = {key: value for key, value in state.items() if not key.startswith(ignored)}
         copy_checked(trunk, state, f"{pretrained} (backbone {name})")
     return trunk, feature_dim
 

@@ -9,6 +9,10 @@ of the block's conv1; the identity path is not shifted: mmaction2's `shift_place
 frames of a clip sit next to each other in the batch ([B*T, C, H, W], clip-major), and a shift mixes
 neighbouring frames of the same clip only, with zeros beyond the clip's ends.
 
+With a 3D trunk (vclr.models.video3d) the same TSN is the clip classifier: each segment contributes a
+clip [3,T,H,W] instead of a frame, the trunk scores every clip, and the consensus averages the clip
+scores (one segment = the usual single-clip 3D fine-tuning). TSM's shift applies to 2D trunks only.
+
 The shift fraction follows the authors' stack (mmaction2 ResNetTSM, `shift_div=8`; the TSM paper's
 default): fold = C // shift_div channels take the NEXT frame's values and the following fold the
 PREVIOUS frame's, so 1/8 of the channels move each way (1/4 in all) and the rest stay.
@@ -27,11 +31,13 @@ from vclr.errors import VclrError
 from vclr.evaluate.features import load_backbone
 from vclr.io_utils import atomic_open
 from vclr.models.backbones import (
-    BACKBONES,
+    ALL_BACKBONES,
     build_backbone,
     copy_checked,
+    is_video_backbone,
     read_checkpoint_file,
 )
+from vclr.models.video3d import is_video_trunk
 
 ARCHS = ("tsn", "tsm")
 FINETUNED_FORMAT = "vclr-finetuned/1"
@@ -135,7 +141,8 @@ class TSN(nn.Module):
         return self.fc.out_features
 
     def frame_logits(self, clips: torch.Tensor) -> torch.Tensor:
-        """clips [B, T, 3, H, W] -> per-frame class scores [B, T, classes]."""
+        """clips [B, T, 3, H, W] -> per-frame class scores [B, T, classes]; with a 3D trunk
+        [B, K, 3, T', H, W] (K segment clips) -> per-clip scores [B, K, classes]."""
         batch, frames = clips.shape[:2]
         if self.n_segments is not None and frames != self.n_segments:
             raise VclrError(f"TSM built for {self.n_segments} segments got clips of {frames} frames")
@@ -144,12 +151,13 @@ class TSN(nn.Module):
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """clips [B, T, 3, H, W] -> consensus scores [B, classes] (average over the T frames, in fp32
-        also under autocast)."""
+        also under autocast); a 3D trunk's [B, K, 3, T', H, W]: the average over the K clips."""
         return self.frame_logits(clips).float().mean(1)
 
 
 def video_scores(model: nn.Module, views: torch.Tensor, average: str = "score") -> torch.Tensor:
-    """Test-time scores of videos given as views [B, V, T, 3, H, W] (V crops, T frames each).
+    """Test-time scores of videos given as views [B, V, T, 3, H, W] (V crops, T frames each; a 3D
+    trunk's [B, V, N, 3, T', H, W]: N clips each).
 
     average "score": mean of the raw scores over all V x T frames (mmaction2's TSN test, no softmax);
     "prob": softmax of each view's consensus, averaged over the V views (TSM's `average_clips='prob'`).
@@ -169,6 +177,8 @@ def frame_scores(model: TSN, frames: torch.Tensor, batch_size: int = 256) -> tor
     For a TSN every frame is independent, so it is computed `batch_size` frames at a time. A TSM mixes
     neighbouring frames: N must be a multiple of its n_segments and consecutive groups are its clips.
     """
+    if is_video_trunk(model.backbone):
+        raise VclrError("frame_scores: per-frame scores need a 2D trunk; this classifier's trunk is 3D (clips)")
     was_training = model.training
     model.eval()
     try:
@@ -185,7 +195,10 @@ def frame_scores(model: TSN, frames: torch.Tensor, batch_size: int = 256) -> tor
 
 
 def trunk_feature_dim(backbone: nn.Module) -> int:
-    """Width of a ResNet trunk's pooled feature: the channels of layer4's last BatchNorm."""
+    """Width of a ResNet trunk's pooled feature: the channels of layer4's last BatchNorm (a 3D
+    trunk states it)."""
+    if is_video_trunk(backbone):
+        return backbone.feature_dim
     norms = [module for module in backbone.layer4.modules() if isinstance(module, nn.BatchNorm2d)]
     return norms[-1].num_features
 
@@ -198,10 +211,12 @@ def build_model(arch: str, backbone_name: str, num_classes: int, *, init: str | 
     or 'random' (drawn from `seed`). The fc is drawn from `seed` too; the caller's RNG is untouched."""
     if arch not in ARCHS:
         raise VclrError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    if backbone_name not in BACKBONES:
-        raise VclrError(f"unknown backbone {backbone_name!r}; expected one of {', '.join(BACKBONES)}")
+    if backbone_name not in ALL_BACKBONES:
+        raise VclrError(f"unknown backbone {backbone_name!r}; expected one of {', '.join(ALL_BACKBONES)}")
     if arch == "tsm" and not n_segments:
         raise VclrError("a TSM needs n_segments (the frames of one clip)")
+    if arch == "tsm" and is_video_backbone(backbone_name):
+        raise VclrError(f"a TSM shifts a 2D trunk; {backbone_name!r} is 3D (use arch tsn: a clip classifier)")
     backbone = load_backbone(init, backbone_name, seed=seed)
     feature_dim = trunk_feature_dim(backbone)
     with torch.random.fork_rng(devices=[]):

@@ -6,6 +6,10 @@ spec/method.md is the reference. Which encoder computes what:
   momentum encoder (no grad, shuffle-BN): x1, x2, x3 (inter, intra heads) and the key tuple (order
                    head per frame; segment head on the mean of the K backbone features).
 The logits returned are raw cosine similarities; the temperature is applied in vclr.train.losses.
+
+A "frame" below is one segment sample: a frame [3,H,W] for a 2D backbone, a clip [3,T,H,W] for a 3D
+one (vclr.models.video3d). Nothing here depends on which: samples are only stacked along leading
+dimensions, the backbone maps [N, *sample] to [N, D].
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class VclrModel(nn.Module):
         return F.normalize(self.heads[head](features), dim=-1)
 
     def encode(self, frames: torch.Tensor, tuples: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embeddings of `frames` [F, B, 3, H, W] and `tuples` [B, K, 3, H, W] in ONE backbone pass.
+        """Embeddings of `frames` [F, B, 3, H, W] and `tuples` [B, K, 3, H, W] in ONE backbone pass
+        (clips: [F, B, 3, T, H, W] and [B, K, 3, T, H, W]).
 
         Returns frame embeddings `inter`, `intra` [F, B, E]; tuple `order` [B, K, E]; `segment`
         [B, E] (the segment head on the mean of the K backbone features).
@@ -159,7 +164,8 @@ class Vclr(nn.Module):
                      unshuffle_fn: UnshuffleFn = single_process_unshuffle) -> dict[str, torch.Tensor]:
         """Logits and targets of the four losses, and the keys to enqueue after the step.
 
-        batch: xq, x1, x2, x3 [B,3,H,W]; query_tuple, key_tuple [B,K,3,H,W]; order_label [B].
+        batch: xq, x1, x2, x3 [B,3,H,W]; query_tuple, key_tuple [B,K,3,H,W]; order_label [B]
+        (3D backbones: clips [B,3,T,H,W] and [B,K,3,T,H,W]).
         shuffle_fn(x) -> (x permuted across the batch [or all processes], state);
         unshuffle_fn(y, state) -> y in the original order. Defaults: one-process permutation.
         """

@@ -44,7 +44,7 @@ from vclr.data.pretrain_dataset import epoch_loader
 from vclr.errors import VclrError
 from vclr.evaluate.record import write_metrics_record
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
-from vclr.models.backbones import BACKBONES
+from vclr.models.backbones import ALL_BACKBONES, is_video_backbone
 from vclr.models.tsn import (
     ARCHS,
     TEST_AVERAGES,
@@ -53,6 +53,7 @@ from vclr.models.tsn import (
     save_finetuned,
     video_scores,
 )
+from vclr.models.video3d import DEFAULT_CLIP_FRAMES, DEFAULT_CLIP_STRIDE, memory_format
 from vclr.train.checkpoint import restore_rng_states, rng_states
 from vclr.train.distributed import (
     barrier,
@@ -64,7 +65,7 @@ from vclr.train.distributed import (
     training_session,
     world_size,
 )
-from vclr.train.pretrain import data_fingerprint
+from vclr.train.pretrain import data_fingerprint, resolve_clip
 
 CHECKPOINT_FORMAT = "vclr-finetune-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint_last.pt"
@@ -99,7 +100,10 @@ PROTOCOLS: dict[tuple[str, str], dict] = {
 # Run settings (not part of a protocol).
 RUN_DEFAULTS = {"backbone": "resnet50", "init": "random", "seed": 0, "workers": 4, "checkpoint_every": 1,
                 "device": "auto", "bf16": True, "channels_last": False, "deterministic": False,
-                "max_steps": None, "test_batch_size": 8}
+                "max_steps": None, "test_batch_size": 8, "clip_frames": None, "clip_stride": None}
+# clip_frames / clip_stride: a 3D backbone's clip per segment (default DEFAULT_CLIP_FRAMES /
+# DEFAULT_CLIP_STRIDE of vclr.models.video3d); kept in the settings of 3D runs only (a 2D run refuses them).
+CLIP_KEYS = ("clip_frames", "clip_stride")
 OVERRIDABLE = ("segments", "epochs", "batch_size", "lr", "lr_steps", "short_side", "crop", "test_frames",
                "test_views", "test_crop", "dropout", "weight_decay", "clip_grad")
 # Settings that may change between a run and its resumption (they do not change what is computed).
@@ -133,8 +137,16 @@ def resolve_settings(dataset: str, arch: str, overrides: dict | None = None, run
     for key in ("lr", "clip_grad"):
         if not settings[key] > 0:
             raise VclrError(f"{key} must be positive, got {settings[key]}")
-    if settings["backbone"] not in BACKBONES:
-        raise VclrError(f"backbone: {settings['backbone']!r} not one of {', '.join(BACKBONES)}")
+    if settings["backbone"] not in ALL_BACKBONES:
+        raise VclrError(f"backbone: {settings['backbone']!r} not one of {', '.join(ALL_BACKBONES)}")
+    clip = resolve_clip(settings["backbone"], settings["clip_frames"], settings["clip_stride"])
+    if is_video_backbone(settings["backbone"]):
+        settings.update(clip)
+        if arch == "tsm":
+            raise VclrError(f"a TSM shifts a 2D trunk; backbone {settings['backbone']!r} is 3D (use arch tsn)")
+    else:  # a 2D run's settings (and records) stay as they were before clips existed
+        for key in CLIP_KEYS:
+            del settings[key]
     if settings["test_views"] not in TEST_VIEWS:
         raise VclrError(f"test_views: {settings['test_views']!r} not one of {', '.join(TEST_VIEWS)}")
     if settings["test_crop"] > settings["short_side"]:
@@ -248,13 +260,14 @@ def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, 
         if bad:
             raise VclrError(f"{csv_path}: labels {bad[:5]} outside the {len(class_names)} classes of "
                             f"{index_dir / 'classes.csv'}")
+    clip = {"clip_frames": settings.get("clip_frames"), "clip_stride": settings.get("clip_stride") or 1}
     train_set = FinetuneTrainDataset(train_clips, frames, train_csv, num_segments=settings["segments"],
                                      short_side=settings["short_side"], crop=settings["crop"],
                                      augmentation=settings["augmentation"], flip=settings["flip"],
-                                     seed=settings["seed"])
+                                     seed=settings["seed"], **clip)
     test_set = FinetuneTestDataset(test_clips, frames, test_csv, num_frames=settings["test_frames"],
                                    short_side=settings["short_side"], crop=settings["test_crop"],
-                                   views=settings["test_views"])
+                                   views=settings["test_views"], **clip)
     batch_size = settings["batch_size"]
     iters_per_epoch = len(train_set) // batch_size
     if iters_per_epoch == 0:
@@ -271,8 +284,8 @@ def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, 
     model = build_model(settings["arch"], settings["backbone"], len(class_names), init=settings["init"],
                         dropout=settings["dropout"], n_segments=settings["segments"],
                         shift_div=settings["shift_div"], init_std=settings["init_std"], seed=settings["seed"])
-    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    layout = memory_format(clip["clip_frames"] is not None, settings["channels_last"])
+    model = model.to(device, memory_format=layout)
     optimizer = torch.optim.SGD(optimizer_groups(model, settings["weight_decay"], settings["fc_lr5"]),
                                 lr=settings["lr_scaled"], momentum=settings["momentum"])
     init = settings["init"]
@@ -317,7 +330,7 @@ def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, 
         for clips, labels in loader:
             clips = clips.to(device, non_blocking=True)
             if settings["channels_last"]:
-                clips = clips.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(clips.shape)
+                clips = clips.flatten(0, 1).contiguous(memory_format=layout).view(clips.shape)
             labels = labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 scores = forward(clips)
@@ -417,7 +430,8 @@ def _write_outputs(summary, model, scores, labels, test_set, class_names, settin
     metrics, per_class = classification_metrics(scores, labels, class_names)
     save_finetuned(out_dir / "model.pt", model, arch=settings["arch"], backbone=settings["backbone"],
                    dropout=settings["dropout"], class_names=class_names,
-                   extra={"dataset": settings["dataset"], "init": settings["init"]})
+                   extra={"dataset": settings["dataset"], "init": settings["init"],
+                          **{key: settings[key] for key in CLIP_KEYS if key in settings}})
     with atomic_open(out_dir / "test_scores.npz", "wb") as handle:
         np.savez(handle, scores=scores.astype(np.float32), labels=labels,
                  video_ids=np.asarray([clip.video_id for clip in test_set.clips], dtype=str),
@@ -444,7 +458,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     datasets = sorted({dataset for dataset, _ in PROTOCOLS})
     parser.add_argument("--dataset", required=True, choices=datasets)
     parser.add_argument("--arch", default="tsn", choices=ARCHS, help="tsn, or tsm (ssv2 only)")
-    parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
+    parser.add_argument("--backbone", default="resnet50", choices=ALL_BACKBONES,
+                        help="2D trunk (a frame per segment) or 3D trunk (a clip per segment; arch tsn)")
+    parser.add_argument("--clip-frames", type=int, help=f"3D backbones: frames per segment clip "
+                        f"(default {DEFAULT_CLIP_FRAMES})")
+    parser.add_argument("--clip-stride", type=int, help=f"3D backbones: frame step inside a clip "
+                        f"(default {DEFAULT_CLIP_STRIDE})")
     parser.add_argument("--init", default="random",
                         help="backbone.pt, a pretraining checkpoint_last.pt (query backbone), a torchvision "
                              "state dict, or 'random'")
@@ -497,7 +516,8 @@ def main(args: argparse.Namespace) -> int:
     run = {"backbone": args.backbone, "init": args.init, "seed": args.seed, "workers": args.workers,
            "checkpoint_every": args.checkpoint_every, "device": args.device, "bf16": not args.fp32,
            "channels_last": args.channels_last, "deterministic": args.deterministic, "max_steps": args.max_steps,
-           "test_batch_size": args.test_batch_size}
+           "test_batch_size": args.test_batch_size, "clip_frames": args.clip_frames,
+           "clip_stride": args.clip_stride}
     settings = resolve_settings(args.dataset, args.arch, overrides, run)
     summary = finetune(settings, args.index_dir, args.frames, args.out, args.metrics, resume=not args.no_resume,
                        profile=args.profile, config_path=args.config)

@@ -10,6 +10,10 @@ With `augment: batched` the DataLoader workers only read JPEG bytes and draw eac
 parameters (a pure function of seed, epoch and index like the rest of the sample, so there is no extra
 generator state to save); the training device decodes and augments whole batches.
 
+A 3D backbone (vclr.models.video3d) changes only what one segment sample is: a clip of
+`clip_frames` frames every `clip_stride` frames [3,T,H,W] instead of a frame [3,H,W] (the dataset
+and the batched augmentation add the time axis; the model, losses and this loop take either).
+
 Under torchrun (vclr.train.distributed) the model is wrapped in DistributedDataParallel; the batch
 size stays the GLOBAL batch, each process loading its contiguous share of every global batch
 (pretrain_dataset.rank_indices) and drawing each video's sample exactly as one process would (the
@@ -46,8 +50,14 @@ from vclr.data.pretrain_dataset import (
 )
 from vclr.errors import VclrError
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
-from vclr.models.backbones import BACKBONES, build_backbone, load_moco_v2
+from vclr.models.backbones import (
+    ALL_BACKBONES,
+    build_backbone,
+    is_video_backbone,
+    load_moco_v2,
+)
 from vclr.models.vclr import Vclr, VclrModel
+from vclr.models.video3d import DEFAULT_CLIP_FRAMES, DEFAULT_CLIP_STRIDE, memory_format
 from vclr.train.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from vclr.train.distributed import (
     barrier,
@@ -57,8 +67,8 @@ from vclr.train.distributed import (
     rank,
     resolve_device,
     set_determinism,
-    training_session,
     shuffle_across_ranks,
+    training_session,
     unshuffle_across_ranks,
     world_size,
 )
@@ -71,7 +81,11 @@ DEFAULT_SETTINGS = {
     "crop": 224, "segments": 3, "temperature": 0.1, "losses": list(LOSS_TERMS), "seed": 0, "workers": 4,
     "checkpoint_every": 10, "init": "random", "bf16": False, "channels_last": False, "compile": False,
     "deterministic": False, "max_steps": None, "device": "auto", "augment": "cpu",
+    "clip_frames": None, "clip_stride": None,
 }
+# clip_frames / clip_stride: the segment clip of a 3D backbone (None there: DEFAULT_CLIP_FRAMES /
+# DEFAULT_CLIP_STRIDE of vclr.models.video3d); a 2D backbone samples frames, refuses them and its
+# resolved settings do not hold them.
 # Where frames are decoded and augmented: "cpu" = per frame in the DataLoader workers
 # (vclr.data.augment); "batched" = workers read JPEG bytes only, the training device decodes and
 # augments whole batches (vclr.data.batch_augment).
@@ -90,8 +104,11 @@ def resolve_settings(settings: dict) -> dict:
     bad = [term for term in resolved["losses"] if term not in LOSS_TERMS]
     if bad or not resolved["losses"]:
         raise VclrError(f"losses: unknown or empty {bad or resolved['losses']} (known: {', '.join(LOSS_TERMS)})")
-    if resolved["backbone"] not in BACKBONES:
-        raise VclrError(f"backbone: {resolved['backbone']!r} not one of {', '.join(BACKBONES)}")
+    if resolved["backbone"] not in ALL_BACKBONES:
+        raise VclrError(f"backbone: {resolved['backbone']!r} not one of {', '.join(ALL_BACKBONES)}")
+    clip = resolve_clip(resolved["backbone"], resolved.pop("clip_frames"), resolved.pop("clip_stride"))
+    if is_video_backbone(resolved["backbone"]):  # a 2D run's settings stay as they were before clips existed
+        resolved.update(clip)
     for key in ("epochs", "batch_size", "queue_size", "crop", "checkpoint_every"):
         if int(resolved[key]) <= 0:
             raise VclrError(f"{key} must be positive, got {resolved[key]}")
@@ -107,7 +124,26 @@ def resolve_settings(settings: dict) -> dict:
     init = resolved["init"]
     if init != "random" and not init.startswith("moco_v2:"):
         raise VclrError(f"init: expected 'random' or 'moco_v2:PATH', got {init!r}")
+    if init != "random" and is_video_backbone(resolved["backbone"]):
+        raise VclrError(f"init: ImageNet MoCo v2 weights are 2D; backbone {resolved['backbone']!r} is 3D "
+                        f"(use init: random)")
     return resolved
+
+
+def resolve_clip(backbone: str, clip_frames: int | None, clip_stride: int | None) -> dict:
+    """{clip_frames, clip_stride} of a run: the defaults for a 3D backbone, None for a 2D one (which
+    refuses them: its segment samples are frames)."""
+    if not is_video_backbone(backbone):
+        if clip_frames is not None or clip_stride is not None:
+            raise VclrError(f"clip_frames / clip_stride: backbone {backbone!r} is 2D (one frame per segment "
+                            f"sample); clips need a 3D backbone")
+        return {"clip_frames": None, "clip_stride": None}
+    clip = {"clip_frames": DEFAULT_CLIP_FRAMES if clip_frames is None else int(clip_frames),
+            "clip_stride": DEFAULT_CLIP_STRIDE if clip_stride is None else int(clip_stride)}
+    for key, value in clip.items():
+        if value < 1:
+            raise VclrError(f"{key} must be positive, got {value}")
+    return clip
 
 
 def build_vclr(settings: dict, generator: torch.Generator) -> Vclr:
@@ -163,7 +199,8 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     batched = settings["augment"] == "batched"
     dataset = (PretrainJpegDataset if batched else PretrainDataset)(
         found_rows(index_csv), PackedFrames(frames_dir), crop_size=settings["crop"],
-        num_segments=settings["segments"], seed=settings["seed"])
+        num_segments=settings["segments"], seed=settings["seed"], clip_frames=settings.get("clip_frames"),
+        clip_stride=settings.get("clip_stride", 1))
     batch_size = settings["batch_size"]  # global; each process loads batch_size / processes
     iters_per_epoch = len(dataset) // batch_size
     if iters_per_epoch == 0:
@@ -181,7 +218,7 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     loader_generator.manual_seed(settings["seed"])
     vclr = build_vclr(settings, torch.Generator().manual_seed(settings["seed"]))
     if settings["channels_last"]:
-        vclr = vclr.to(memory_format=torch.channels_last)
+        vclr = vclr.to(memory_format=memory_format(is_video_backbone(settings["backbone"]), True))
     vclr = vclr.to(device)
     optimizer = torch.optim.SGD(vclr.model.parameters(), lr=peak_lr, momentum=settings["momentum"],
                                 weight_decay=settings["weight_decay"])
@@ -243,7 +280,8 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
             if batched:
                 batch = decode_and_augment(batch, device, crop_size=settings["crop"],
                                            num_segments=settings["segments"], channels_last=settings["channels_last"],
-                                           dtype=torch.bfloat16 if settings["bf16"] else torch.float32)
+                                           dtype=torch.bfloat16 if settings["bf16"] else torch.float32,
+                                           clip_frames=settings.get("clip_frames"))
             else:
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
@@ -307,7 +345,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", required=True, type=Path, help="split CSV (vclr data index), e.g. INDEX/train.csv")
     parser.add_argument("--frames", required=True, type=Path, help="packed-frames directory")
     parser.add_argument("--out", required=True, type=Path, help="output directory (checkpoint, log, backbone)")
-    parser.add_argument("--backbone", default="resnet50", choices=BACKBONES)
+    parser.add_argument("--backbone", default="resnet50", choices=ALL_BACKBONES,
+                        help="2D (frames per segment) or 3D (clips per segment): " + ", ".join(ALL_BACKBONES))
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32,
                         help="global batch (under torchrun split evenly over the processes)")
@@ -316,6 +355,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=131072)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--segments", type=int, default=3)
+    parser.add_argument("--clip-frames", type=int, default=None,
+                        help=f"3D backbones: frames per segment clip (default {DEFAULT_CLIP_FRAMES})")
+    parser.add_argument("--clip-stride", type=int, default=None,
+                        help=f"3D backbones: frame step inside a clip (default {DEFAULT_CLIP_STRIDE})")
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--alpha", type=float, default=0.999, help="momentum of the key encoder")
     parser.add_argument("--losses", default=",".join(LOSS_TERMS), help="comma-separated subset of "
@@ -346,7 +389,7 @@ def main(args: argparse.Namespace) -> int:
         "workers": args.workers, "checkpoint_every": args.checkpoint_every, "init": args.init,
         "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
         "deterministic": args.deterministic, "max_steps": args.max_steps, "device": args.device,
-        "augment": args.augment,
+        "augment": args.augment, "clip_frames": args.clip_frames, "clip_stride": args.clip_stride,
     }
     summary = pretrain(settings, args.index, args.frames, args.out, resume=not args.no_resume)
     if distributed_env()[0] != 0:  # one report per run, from the process that wrote the outputs
