@@ -1,4 +1,5 @@
-"""`vclr bench features` smoke test: tiny shapes, one round, the generated packed-JPEG run (no timing asserts)."""
+"""`vclr bench features` smoke test: tiny shapes, one round, the generated packed-JPEG run of both extraction
+paths (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,16 @@ def test_bench_features_writes_results(tmp_path):
     assert _run([*TINY, "--generate", "3", "--out-json", out]) == 0
     result = json.loads(out.read_text())
     assert result["videos_per_batch"] == 2 and result["frame_height_width"] == [40, 48]
-    for mode in ("forward", "path"):
+    for mode in ("forward", "path", "crops"):
         entry = result["synthetic"][mode]
         assert len(entry["rounds"]) == 1 and entry["videos_per_s"] > 0
         assert entry["frames_per_s"] == entry["videos_per_s"] * 4
     e2e = result["end_to_end"]
     assert e2e["videos"] == 3 and e2e["frame_width_height"] == [48, 40] and e2e["mean_jpeg_bytes"] > 0
+    for path in ("batched", "per_frame"):  # side by side, one round each
+        assert len(e2e[path]["rounds"]) == 1 and e2e[path]["videos_per_s"] > 0
+    assert e2e["videos_per_s"] == e2e["batched"]["videos_per_s"]
+    assert e2e["speedup"] == e2e["batched"]["videos_per_s"] / e2e["per_frame"]["videos_per_s"]
 
 
 def test_bench_features_rejects_bad_arguments(tmp_path):

@@ -15,20 +15,29 @@ PROFILES = {"tiny": "config/config.yaml", "paper": "config/paper.yaml"}
 FINETUNE_RUNS = ("ucf101_tsn", "hmdb51_tsn", "ssv2_tsn", "ssv2_tsm", "anet_tsn")
 
 
-def _jobs(profile: str) -> dict:
+def _jobs(profile: str, features_group: str = "split") -> dict:
+    """The profile's jobs, its features one job per split (the default; the grouped form is checked
+    against it in test_features_grouped_by_backbone_write_the_same_files_one_job_per_trunk)."""
     path = PROFILES[profile]
-    return {job.name: job for job in expand_jobs(load_config(REPO / path), path)}
+    config = load_config(REPO / path)
+    config["evaluate"]["features"]["group"] = features_group
+    return {job.name: job for job in expand_jobs(config, path)}
 
 
 # The evaluated backbones: tiny pretrains vclr_k400 with two seeds (runs <name>_seed<N>) and an
 # ablation grid evaluated by retrieval only; the paper profile one run.
 MAIN_BACKBONES = {"tiny": ("vclr_k400_seed0", "vclr_k400_seed1", "random"), "paper": ("vclr_k400", "random")}
 ABLATION_BACKBONES = {"tiny": ("vclr_k400_ablation", "vclr_k400_losses_seco", "vclr_k400_losses_segment",
-                               "vclr_k400_segments_k4", "vclr_k400_epochs_e134"), "paper": ()}
+                               "vclr_k400_segments_k4", "vclr_k400_epochs_e134", "vclr_k400_init_moco",
+                               "vclr_k400_backbone_reference", "vclr_k400_backbone_r2plus1d"), "paper": ()}
+# ablation entries with the main run's settings: its checkpoint and features, their own records
+TWINS = {"vclr_k400_epochs_e134": "vclr_k400_seed0", "vclr_k400_backbone_reference": "vclr_k400_seed0"}
 
 
 def _retrieval_evaluations(backbone: str) -> set[str]:
-    return ({f"features_{backbone}_{dataset}_{split}" for dataset in ("ucf101", "hmdb51") for split in ("train", "test")}
+    features = backbone not in TWINS
+    return ({f"features_{backbone}_{dataset}_{split}" for dataset in ("ucf101", "hmdb51")
+             for split in ("train", "test") if features}
             | {f"retrieval_{backbone}_{dataset}" for dataset in ("ucf101", "hmdb51")})
 
 
@@ -81,7 +90,7 @@ def test_evaluation_deps_hold_their_code_inputs_and_params(profile):
     results = load_config(REPO / PROFILES[profile])["paths"]["results"]
     trained = {name: f"{results}/checkpoints/{name}/backbone.pt"
                for name in MAIN_BACKBONES[profile] + ABLATION_BACKBONES[profile] if name != "random"}
-    trained.update({"vclr_k400_epochs_e134": trained["vclr_k400_seed0"]} if profile == "tiny" else {})  # a twin
+    trained.update({twin: trained[main] for twin, main in TWINS.items()} if profile == "tiny" else {})
     for job in jobs.values():
         if job.stage not in CODE or job.stage in ("download", "generate", "extract", "index", "pretrain", "report"):
             continue
@@ -220,14 +229,32 @@ def test_seeds_and_the_ablation_grid_become_pretraining_runs():
     assert seco.meta["ablation"] == {"axis": "losses", "label": "L_inter + L_intra (SeCo)"}
     assert flag(jobs["pretrain_vclr_k400_segments_k4"], "--segments") == "4"
     # an ablation entry identical to the main run reuses its checkpoint instead of training again
-    assert "pretrain_vclr_k400_epochs_e134" not in jobs
-    twin = jobs["features_vclr_k400_epochs_e134_ucf101_test"]
-    assert flag(twin, "--checkpoint") == "results/tiny/checkpoints/vclr_k400_seed0/backbone.pt"
+    # and its features: only the record is its own
+    assert "pretrain_vclr_k400_epochs_e134" not in jobs and "features_vclr_k400_epochs_e134_ucf101_test" not in jobs
+    twin = jobs["retrieval_vclr_k400_epochs_e134_ucf101"]
+    assert flag(twin, "--test") == jobs["features_vclr_k400_seed0_ucf101_test"].out_files[0]
+    assert twin.meta["ablation"] == {"axis": "epochs", "label": "134 epochs"}
+    # an axis with its own settings (backbone: the main schedule) has its own reference row, here a twin
+    assert "pretrain_vclr_k400_backbone_reference" not in jobs
+    assert jobs["retrieval_vclr_k400_backbone_reference_ucf101"].meta["ablation"] == {
+        "axis": "backbone", "label": None, "reference": True}
+    clips = jobs["pretrain_vclr_k400_backbone_r2plus1d"]
+    assert flag(clips, "--epochs") == flag(main, "--epochs") and flag(clips, "--backbone") == "r2plus1d_tiny"
+    assert "ablations.axes.backbone.settings" in clips.params
+    # every evaluation of a 3D backbone takes its clip
+    for name in ("pretrain_vclr_k400_backbone_r2plus1d", "features_vclr_k400_backbone_r2plus1d_hmdb51_train"):
+        assert (flag(jobs[name], "--clip-frames"), flag(jobs[name], "--clip-stride")) == ("4", "2"), name
+    assert "--clip-frames" not in jobs["features_vclr_k400_seed0_ucf101_test"].argv
+    # init: moco_v2 on a profile without ImageNet weights starts from the stand-in, in MoCo v2's layout
+    standin, moco = jobs["pretrain_moco_v2_standin"], jobs["pretrain_vclr_k400_init_moco"]
+    assert standin.argv[:3] == ("vclr", "train", "moco-standin") and flag(standin, "--losses") == "inter"
+    assert flag(moco, "--init") == f"moco_v2:{standin.out_files[0]}" and standin.out_files[0] in moco.deps
+    assert "download_moco_v2" not in jobs
     # ablation runs are scored on frozen features only (ablations.evaluate)
     assert not any(name.startswith(("finetune_vclr_k400_losses", "linear_probe_vclr_k400_losses")) for name in jobs)
     del config["ablations"]["settings"]  # no shared schedule: the grid's reference is the main run itself
     names = {job.name for job in expand_jobs(config, PROFILES["tiny"])}
-    assert "pretrain_vclr_k400_ablation" not in names and "features_vclr_k400_ablation_ucf101_test" in names
+    assert "pretrain_vclr_k400_ablation" not in names and "retrieval_vclr_k400_ablation_ucf101" in names
     report = jobs["report"]
     assert main.meta["summary"] in report.deps and "vclr/report/published_results.csv" in report.deps
     assert report.argv == ("vclr", "report", "build", "--config", "config/config.yaml", "--out", "paper_tables/tiny")
@@ -247,3 +274,53 @@ def test_bad_seeds_or_ablations_name_the_key(tmp_path, edit, message):
     path.write_text(text)
     with pytest.raises(VclrError, match=re.escape(message)):
         expand_jobs(load_config(path), str(path))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_features_grouped_by_backbone_write_the_same_files_one_job_per_trunk(profile):
+    """evaluate.features.group: `backbone` runs one features job per evaluated trunk (twin runs share
+    it) writing exactly the files of the per-split jobs; every other job is unchanged and each
+    evaluation still depends on exactly the .npz files it reads, now the grouped job's outputs."""
+    path = PROFILES[profile]
+    config = load_config(REPO / path)
+    config["evaluate"]["features"]["group"] = "split"
+    by_split = expand_jobs(config, path)
+    config["evaluate"]["features"]["group"] = "backbone"
+    by_backbone = expand_jobs(config, path)
+    split_jobs = [job for job in by_split if job.stage == "features"]
+    grouped = [job for job in by_backbone if job.stage == "features"]
+    assert [job for job in by_split if job.stage != "features"] == [job for job in by_backbone if job.stage != "features"]
+    # one job per distinct trunk (checkpoint or random seed, architecture, clip) among the split jobs;
+    # paper by hand: 12 split jobs -> vclr_k400 and random
+    def trunk(job):
+        return tuple(job.argv[i:i + 2] for i, flag in enumerate(job.argv)
+                     if flag in ("--backbone", "--checkpoint", "--seed", "--clip-frames", "--clip-stride"))
+
+    assert len(grouped) == len({trunk(job) for job in split_jobs}) < len(split_jobs)
+    assert all(trunk(job) == trunk(split_job) for job in grouped for split_job in split_jobs
+               if set(split_job.out_files) & set(job.out_files))
+    if profile == "paper":
+        assert (len(split_jobs), [job.name for job in grouped]) == (12, ["features_vclr_k400", "features_random"])
+    else:  # twins of vclr_k400_seed0 (same checkpoint) get no job of their own
+        assert {"features_vclr_k400_seed0", "features_random"} <= {job.name for job in grouped}
+        assert not {"features_vclr_k400_epochs_e134", "features_vclr_k400_backbone_reference"} & {job.name for job in grouped}
+    producers = {out: job for job in grouped for out in job.out_files}
+    assert len(producers) == sum(len(job.out_files) for job in grouped)  # no file written twice
+    assert sorted(producers) == sorted(out for job in split_jobs for out in job.out_files)
+    for job in grouped:
+        argv = list(job.argv)
+        assert "--index" not in argv and argv.count("--split") == len(job.out_files) >= 4
+        triples = [tuple(argv[i + 1:i + 4]) for i, flag in enumerate(argv) if flag == "--split"]
+        for (index_csv, frames, out), split_job in zip(triples, (next(s for s in split_jobs if s.out_files == (o,))
+                                                                 for o in job.out_files)):
+            single = list(split_job.argv)
+            assert (index_csv, frames, out) == tuple(single[single.index(f) + 1] for f in ("--index", "--frames", "--out"))
+            assert set(split_job.deps) <= set(job.deps) and split_job.params == job.params
+            assert argv[:7] == single[:7]  # vclr eval features --backbone A --checkpoint C
+            assert argv[len(argv) - len(single) + 13:] == single[13:]  # --seed, clip and settings flags after --out
+    for job in by_backbone:
+        if job.stage in ("retrieval", "linear_probe"):
+            reads = [job.argv[job.argv.index(flag) + 1] for flag in ("--train", "--test")]
+            assert [dep for dep in job.deps if dep.endswith(".npz")] == reads
+            assert all(producers[path].stage == "features" for path in reads)
+    assert dvc_stages(by_backbone, path)["stages"][grouped[0].name]["outs"] == list(grouped[0].out_files)

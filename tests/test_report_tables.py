@@ -221,6 +221,23 @@ def test_ablation_table(results, tmp_path):
     assert list(ablation_display(tidy)["Paper"]) == ["", "48.5", "40.0", "", "", "", "70.0"]
 
 
+def test_an_axis_with_its_own_settings_lists_its_own_reference_first(results):
+    """An axis with `settings` (e.g. the main schedule for 2D vs 3D) is compared with its own
+    reference run (label None in its records), not with the grid's reference."""
+    r1 = results[(results["metric"] == "R@1") & (results["dataset"] == "ucf101") & (results["status"] == "ok")
+                 & results["ablation_axis"].isna()].iloc[[0]]
+    own = r1.assign(job="own", run="vclr_k400_backbone_reference", ablation_axis="backbone",
+                    ablation_label=None, reference=False, value=58.0)
+    clips = r1.assign(job="clips", run="vclr_k400_backbone_r2plus1d", ablation_axis="backbone",
+                      ablation_label="3D clips", reference=False, value=70.0)
+    tidy = ablation_table(pd.concat([results, own, clips], ignore_index=True), {"backbone": "2D frames"},
+                          load_paper_ablations())
+    axis = tidy[tidy["axis"] == "backbone"]
+    assert list(axis["label"]) == ["2D frames", "3D clips"]
+    assert list(axis["run"]) == ["vclr_k400_backbone_reference", "vclr_k400_backbone_r2plus1d"]
+    assert list(axis["mean"]) == [58.0, 70.0] and list(axis["n"]) == [1, 1]
+
+
 def test_malformed_published_rows_name_line_and_column(tmp_path):
     lines = PUBLISHED_FILE.read_text(encoding="utf-8").splitlines()
 

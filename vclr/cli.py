@@ -30,6 +30,8 @@ COMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("bench", "input"): ("vclr.bench.input", "input pipeline frames/s: CPU reference chain vs batched augmentation (CPU, CUDA + nvjpeg)"),
     ("bench", "features"): ("vclr.bench.features", "feature-extraction videos/s: backbone, batched path, packed JPEGs"),
     ("train", "pretrain"): ("vclr.train.pretrain", "VCLR pretraining (resumable)"),
+    ("train", "moco-standin"): ("vclr.train.moco_standin",
+                                "a MoCo v2-layout init trained by instance discrimination (profiles without ImageNet weights)"),
     ("eval", "features"): ("vclr.evaluate.features", "frozen-backbone video features (30 frames, centre crop)"),
     ("eval", "linear-probe"): ("vclr.evaluate.linear_probe", "linear SVM (liblinear primal, C=1) on frozen features"),
     ("eval", "retrieval"): ("vclr.evaluate.retrieval", "nearest-neighbour retrieval R@k: test queries, train gallery"),

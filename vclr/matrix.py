@@ -25,15 +25,16 @@ CODE = {
         "vclr/train/pretrain.py", "vclr/train/losses.py", "vclr/train/schedule.py",
         "vclr/train/checkpoint.py", "vclr/models/vclr.py", "vclr/models/backbones.py",
         "vclr/data/pretrain_dataset.py", "vclr/data/sampling.py", "vclr/data/augment.py",
-        "vclr/data/batch_augment.py",
+        "vclr/data/batch_augment.py", "vclr/models/video3d.py",
     ),
-    "features": ("vclr/evaluate/features.py", "vclr/data/frames.py", "vclr/models/backbones.py"),
+    "features": ("vclr/evaluate/features.py", "vclr/data/frames.py", "vclr/data/packed.py",
+                 "vclr/data/batch_augment.py", "vclr/models/backbones.py", "vclr/models/video3d.py"),
     # the metrics record is every evaluation's output format
     "retrieval": ("vclr/evaluate/retrieval.py", "vclr/evaluate/record.py"),
     "linear_probe": ("vclr/evaluate/linear_probe.py", "vclr/evaluate/record.py"),
     "finetune": (
         "vclr/train/finetune.py", "vclr/data/finetune_dataset.py", "vclr/data/sampling.py",
-        "vclr/models/tsn.py", "vclr/models/backbones.py", "vclr/evaluate/record.py",
+        "vclr/models/tsn.py", "vclr/models/backbones.py", "vclr/models/video3d.py", "vclr/evaluate/record.py",
     ),
     "localize": (
         "vclr/evaluate/localization.py", "vclr/evaluate/proposals.py", "vclr/models/bmn.py",
@@ -51,7 +52,7 @@ CODE = {
 PRETRAIN_FLAGS = (
     "backbone", "epochs", "batch_size", "lr", "warmup_epochs", "queue_size", "crop", "segments",
     "temperature", "alpha", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
-    "compile", "deterministic", "augment",
+    "compile", "deterministic", "augment", "clip_frames", "clip_stride",
 )
 # `vclr eval ...` flags each evaluation section of the config may set (evaluate.<section>).
 FEATURES_FLAGS = ("num_frames", "crop", "batch_size", "workers")
@@ -67,6 +68,7 @@ LOCALIZE_FLAGS = (
     "top_k", "workers", "frame_batch",
 )
 RANDOM = "random"  # the evaluated backbone name of the seeded random initialisation
+CLIP_FLAGS = ("clip_frames", "clip_stride")  # a 3D backbone's segment clip: every evaluation of it passes them
 FEATURE_TASKS = ("retrieval", "linear_probe")  # the evaluations on frozen features (ablations pick from these)
 RETRIEVAL_SPLITS = ("train", "test")  # gallery, queries (spec/protocols.md)
 LOCALIZE_CLASSIFIER = "anet_tsn"  # the fine-tuning run whose snippet scores BMN reads
@@ -220,12 +222,38 @@ MOCO_V2_FILE = "moco_v2_200ep_pretrain.pth.tar"
 
 
 def moco_v2_job(config: dict) -> Job:
-    """The paper's initialisation, fetched and verified like a dataset (vclr/data/sources.yaml)."""
+    """The paper's initialisation, fetched and verified like a dataset (vclr/data/sources.yaml); on
+    a profile with `pretrain.moco_v2_standin` (no ImageNet weights: tiny) a stand-in in the same
+    layout, trained by instance discrimination on that profile's videos (vclr/train/moco_standin.py).
+    moco_v2_weights(job) is the file."""
+    standin = config["pretrain"].get("moco_v2_standin")
+    if standin is not None:
+        settings = {**config["pretrain"]["defaults"], **standin, "losses": ["inter"], "init": "random"}
+        paths = _data_paths(config, settings["dataset"])
+        out = _run_dir(config, "moco_v2_standin")
+        argv = ["vclr", "train", "moco-standin", "--index", f"{paths['index']}/{settings.get('split', 'train')}.csv",
+                "--frames", paths["frames"], "--out", out, "--weights", f"{out}/{MOCO_V2_FILE}",
+                "--seed", str(config["seed"])] + _flags(settings, PRETRAIN_FLAGS)
+        return Job("pretrain_moco_v2_standin", "pretrain", tuple(argv),
+                   (paths["index"], paths["frames"]) + CODE["pretrain"] + ("vclr/train/moco_standin.py",),
+                   out_files=(f"{out}/{MOCO_V2_FILE}", f"{out}/backbone.pt", f"{out}/summary.json"),
+                   persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
+                   params=("pretrain.defaults", "pretrain.moco_v2_standin", "seed"),
+                   log=_log(config, "pretrain_moco_v2_standin"), threads=max(1, settings.get("workers", 0)),
+                   meta={"run": "moco_v2_standin", "seed": config["seed"], "dataset": settings["dataset"],
+                         "epochs": settings.get("epochs"), "log": f"{out}/log.jsonl",
+                         "summary": f"{out}/summary.json", "ablation": None, "reference": False})
     root = PurePosixPath(config["paths"]["data"])
     out, downloads = str(root / "weights" / "moco_v2"), str(root / "downloads" / "moco_v2")
     argv = ("vclr", "data", "download", "--dataset", "moco_v2", "--out", out, "--downloads", downloads)
     return Job("download_moco_v2", "download", argv, CODE["download"], out_dirs=(out,),
                log=_log(config, "download_moco_v2"))
+
+
+def moco_v2_weights(job: Job) -> str:
+    """The MoCo v2 file moco_v2_job's job writes: the stand-in's first output, or the file the
+    download puts in its directory."""
+    return job.out_files[0] if job.out_files else f"{job.out_dirs[0]}/weights/{MOCO_V2_FILE}"
 
 
 @dataclass(frozen=True)
@@ -275,11 +303,21 @@ def pretrain_runs(config: dict) -> list[PretrainRun]:
         runs.append(PretrainRun(f"{reference}_ablation", f"{reference}_ablation", config["seed"], base,
                                 base_params, {"axis": None, "label": None}, same_as=twin(base)))
         for axis, entry in ablations["axes"].items():
+            # an axis with its own `settings` (e.g. the main schedule for a comparison that needs it)
+            # has its own reference row `<reference>_<axis>_reference`, usually a twin of a main run
+            axis_base, axis_params, axis_reference = base, base_params[:-1], None
+            if entry.get("settings"):
+                axis_base = {**base, **entry["settings"]}
+                axis_params = base_params[:-1] + (f"ablations.axes.{axis}.settings",)
+                axis_reference = f"{reference}_{axis}_reference"
+                runs.append(PretrainRun(axis_reference, axis_reference, config["seed"], axis_base,
+                                        axis_params + ("seed",), {"axis": axis, "label": None, "reference": True},
+                                        same_as=twin(axis_base)))
             for key, change in entry["runs"].items():
                 name = f"{reference}_{axis}_{key}"
-                settings = {**base, **{k: v for k, v in change.items() if k != "label"}}
+                settings = {**axis_base, **{k: v for k, v in change.items() if k != "label"}}
                 runs.append(PretrainRun(name, name, config["seed"], settings,
-                                        base_params[:-1] + (f"ablations.axes.{axis}.runs.{key}", "seed"),
+                                        axis_params + (f"ablations.axes.{axis}.runs.{key}", "seed"),
                                         {"axis": axis, "label": change["label"]}, same_as=twin(settings)))
     return runs
 
@@ -297,8 +335,8 @@ def pretrain_jobs(config: dict) -> list[Job]:
         if settings.get("init") == "moco_v2":
             if moco not in jobs:
                 jobs.insert(0, moco)
-            init_deps = moco.out_dirs
-            settings["init"] = f"moco_v2:{moco.out_dirs[0]}/weights/{MOCO_V2_FILE}"
+            init_deps = moco.out_files[:1] or moco.out_dirs
+            settings["init"] = f"moco_v2:{moco_v2_weights(moco)}"
         paths = _data_paths(config, settings["dataset"])
         out = _run_dir(config, run.name)
         processes = settings.get("nproc_per_node", 1)
@@ -333,6 +371,7 @@ class Backbone:
     params: tuple[str, ...]  # config keys that decide it (a checkpoint's are in its file)
     seed: int = 0  # the pretraining seed; the evaluations of this backbone run with it too
     meta: dict = field(default_factory=dict)  # the report's labels: run group, seed, ablation, ...
+    flags: tuple[str, ...] = ()  # what every evaluation of it passes (a 3D backbone's clip)
 
 
 def _backbone_of_run(config: dict, run: PretrainRun) -> Backbone:
@@ -340,7 +379,8 @@ def _backbone_of_run(config: dict, run: PretrainRun) -> Backbone:
     meta = {"backbone": run.name, "run": run.group, "seed": run.seed,
             "pretrain_dataset": run.settings["dataset"], "pretrain_epochs": run.settings.get("epochs"),
             "ablation": run.ablation, "reference": run.ablation is None}
-    return Backbone(run.name, run.settings["backbone"], checkpoint, (checkpoint,), (), run.seed, meta)
+    return Backbone(run.name, run.settings["backbone"], checkpoint, (checkpoint,), (), run.seed, meta,
+                    tuple(_flags(run.settings, CLIP_FLAGS)))
 
 
 def evaluated_backbones(config: dict) -> list[Backbone]:
@@ -357,7 +397,8 @@ def evaluated_backbones(config: dict) -> list[Backbone]:
             meta = {"backbone": RANDOM, "run": RANDOM, "seed": config["seed"], "pretrain_dataset": None,
                     "pretrain_epochs": None, "ablation": None, "reference": True}
             backbones.append(Backbone(RANDOM, pretrain["defaults"]["backbone"], RANDOM, (),
-                                      ("pretrain.defaults.backbone", "seed"), config["seed"], meta))
+                                      ("pretrain.defaults.backbone", "seed"), config["seed"], meta,
+                                      tuple(_flags(pretrain["defaults"], CLIP_FLAGS))))
         elif name in pretrain["runs"]:
             backbones += [_backbone_of_run(config, run) for run in runs
                           if run.group == name and run.ablation is None]
@@ -394,23 +435,39 @@ def _record_flags(config: dict, config_path: str, seed: int) -> list[str]:
     return ["--seed", str(seed), "--profile", config["profile"], "--config", config_path]
 
 
+def _features_request(config: dict, backbone: Backbone, dataset: str, split: str, key: str) -> tuple[str, ...]:
+    """(index dir, split, frames dir, .npz) of one split's features, named after the backbone asking."""
+    paths = _configured_dataset(config, dataset, key)
+    return paths["index"], split, paths["frames"], _features_path(config, f"{backbone.name}_{dataset}_{split}")
+
+
+def _features_job(config: dict, backbone: Backbone, name: str, requests: list[tuple[str, ...]]) -> Job:
+    """`vclr eval features` of one or more _features_request splits in one process (the backbone
+    loaded once): --index/--frames/--out for one, a --split triple each for several."""
+    settings = config["evaluate"]["features"]
+    argv = ["vclr", "eval", "features", "--backbone", backbone.arch, "--checkpoint", backbone.init]
+    if len(requests) == 1:
+        index, split, frames, out = requests[0]
+        argv += ["--index", f"{index}/{split}.csv", "--frames", frames, "--out", out]
+    else:
+        for index, split, frames, out in requests:
+            argv += ["--split", f"{index}/{split}.csv", frames, out]
+    if backbone.init == RANDOM:
+        argv += ["--seed", str(backbone.seed)]
+    argv += list(backbone.flags) + _flags(settings, FEATURES_FLAGS)
+    data = tuple(dict.fromkeys(path for index, _, frames, _ in requests for path in (index, frames)))
+    return Job(f"features_{name}", "features", tuple(argv), data + backbone.deps + CODE["features"],
+               out_files=tuple(out for *_, out in requests),
+               params=("evaluate.features",) + backbone.params, log=_log(config, f"features_{name}"),
+               threads=max(1, settings.get("workers", 0)),
+               resources=_gpu_resources(settings.get("gpus", 0), 24 * len(requests)))
+
+
 def features_job(config: dict, backbone: Backbone, dataset: str, split: str, key: str) -> Job:
     """Frozen-backbone features of one split (`vclr eval features`); `key` names the config entry
     that asked for them (in errors)."""
-    settings = config["evaluate"]["features"]
-    paths = _configured_dataset(config, dataset, key)
-    name = f"{backbone.name}_{dataset}_{split}"
-    out = _features_path(config, name)
-    argv = ["vclr", "eval", "features", "--backbone", backbone.arch, "--checkpoint", backbone.init,
-            "--index", f"{paths['index']}/{split}.csv", "--frames", paths["frames"], "--out", out]
-    if backbone.init == RANDOM:
-        argv += ["--seed", str(backbone.seed)]
-    argv += _flags(settings, FEATURES_FLAGS)
-    return Job(f"features_{name}", "features", tuple(argv),
-               (paths["index"], paths["frames"]) + backbone.deps + CODE["features"], out_files=(out,),
-               params=("evaluate.features",) + backbone.params, log=_log(config, f"features_{name}"),
-               threads=max(1, settings.get("workers", 0)),
-               resources=_gpu_resources(settings.get("gpus", 0), 24))
+    return _features_job(config, backbone, f"{backbone.name}_{dataset}_{split}",
+                         [_features_request(config, backbone, dataset, split, key)])
 
 
 def _evaluation_meta(task: str, dataset: str, arch: str | None, backbone: Backbone, **inputs: str) -> dict:
@@ -452,7 +509,7 @@ def finetune_jobs(config: dict, config_path: str, backbone: Backbone) -> list[Jo
             "eval", "finetune", "--dataset", dataset, "--arch", arch, "--backbone", backbone.arch,
             "--init", backbone.init, "--index-dir", paths["index"], "--frames", paths["frames"],
             "--out", out, "--metrics", metrics,
-        ] + _record_flags(config, config_path, backbone.seed) + _flags(settings, FINETUNE_FLAGS)
+        ] + _record_flags(config, config_path, backbone.seed) + list(backbone.flags) + _flags(settings, FINETUNE_FLAGS)
         jobs.append(Job(
             name, "finetune", tuple(argv), (paths["index"], paths["frames"]) + backbone.deps + CODE["finetune"],
             out_files=(f"{out}/model.pt", f"{out}/summary.json", f"{out}/test_scores.npz"),
@@ -495,12 +552,29 @@ def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
     section = config.get("evaluate")
     if not section:
         return []
-    features: dict[tuple[str, str, str], Job] = {}
+    features: dict[tuple, Job] = {}  # the features jobs, in the order first asked for
+    grouped = (section.get("features") or {}).get("group", "split") == "backbone"
+    split_jobs: dict[tuple, Job] = {}  # one split's job: what an evaluation reads (and runs, unless grouped)
+    requests: dict[tuple, tuple[Backbone, list]] = {}  # trunk -> (first backbone asking, its splits)
 
     def features_for(backbone: Backbone, dataset: str, split: str, key: str) -> Job:
-        if (backbone.name, dataset, split) not in features:
-            features[backbone.name, dataset, split] = features_job(config, backbone, dataset, split, key)
-        return features[backbone.name, dataset, split]
+        """The job of one split's features. Keyed by what decides them: a twin run (same checkpoint)
+        reuses the first one's. With evaluate.features.group `backbone`, the job that runs is the
+        trunk's one job for all its splits (rebuilt as splits are asked for, in place; named after
+        the first backbone asking); the split's job returned only names its .npz, which the grouped
+        job writes too (its out_files list them all)."""
+        weights = (backbone.init, backbone.seed) if backbone.init == RANDOM else (backbone.init,)
+        trunk = (*weights, backbone.arch, backbone.flags)
+        identity = (*trunk, dataset, split)
+        if identity not in split_jobs:
+            split_jobs[identity] = features_job(config, backbone, dataset, split, key)
+            owner, wanted = requests.setdefault(trunk, (backbone, []))
+            wanted.append(_features_request(config, backbone, dataset, split, key))
+            if grouped:
+                features[trunk] = _features_job(config, owner, owner.name, wanted)
+            else:
+                features[identity] = split_jobs[identity]
+        return split_jobs[identity]
 
     def feature_evaluations(backbone: Backbone, tasks: tuple[str, ...]) -> list[Job]:
         jobs = []

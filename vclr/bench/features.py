@@ -5,13 +5,17 @@ frame features averaged; bf16 autocast on CUDA, fp32 on CPU, as extract_features
 on synthetic DECODED frames (uint8, so no JPEG decoding and no data files):
   forward   the backbone alone on ready, normalised [videos*30, 3, 224, 224] batches on the device:
             the ceiling;
-  path      extract_features' batched path from decoded uint8 frames: its DataLoader (batch_size //
-            num_frames videos per batch, `workers` processes) applying its evaluation transform
-            (centre crop + ImageNet normalisation on the CPU), the copy to the device, the forward
-            and the per-video mean.
-The two alternate round by round. With --frames/--index, or --generate N (N videos of packed JPEG
+  path      the per-frame path (extract_features_per_frame) from decoded uint8 frames: its DataLoader
+            (batch_size // num_frames videos per batch, `workers` processes) applying center_crop +
+            ImageNet normalisation per video on the CPU, the copy to the device, the forward and the
+            per-video mean;
+  crops     extract_features' crop step from decoded uint8 frames: the batch's frames copied to the
+            device as they are and cut there by eval_crops_sliced, forward, mean.
+The three alternate round by round. With --frames/--index, or --generate N (N videos of packed JPEG
 frames written here with PIL: no PyAV needed, so it runs on a GPU machine without it), `end_to_end`
-also times extract_features itself on packed frames: shard reads, JPEG decoding, transform, forward.
+also times the two extraction functions on packed frames, alternating round by round: `batched`
+(extract_features: shard reads, one decode_jpegs per batch - nvjpeg on CUDA -, eval_crops, forward)
+and `per_frame` (extract_features_per_frame: each frame decoded alone, center_crop per video).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from vclr.data.batch_augment import eval_crops_sliced
 from vclr.errors import VclrError
 from vclr.evaluate.features import _eval_transform
 from vclr.io_utils import atomic_write_json
@@ -94,6 +99,21 @@ def time_path(backbone, dataset: DecodedVideos, videos_per_batch: int, num_frame
     return time.perf_counter() - started
 
 
+def time_crops(backbone, dataset: DecodedVideos, videos_per_batch: int, num_frames: int, crop: int,
+               device: torch.device, workers: int) -> float:
+    """Seconds for the whole dataset (decoded uint8 frames, identity transform) through eval_crops_sliced
+    on the device + forward: extract_features' step after decoding."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=videos_per_batch, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    _synchronize(device)
+    started = time.perf_counter()
+    for frames, _, _ in loader:
+        x = eval_crops_sliced(frames.to(device, non_blocking=True).flatten(0, 1), crop)
+        _forward_videos(backbone, x.unflatten(0, (frames.shape[0], num_frames)), num_frames, device)
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
 def write_packed_videos(frames_dir: Path, videos: int, frames_per_video: int, size: tuple[int, int],
                         quality: int = 90, seed: int = 0) -> list:
     """`videos` videos in one shard + manifest.json (vclr.data.packed's format); returns their IndexRows.
@@ -130,27 +150,40 @@ def write_packed_videos(frames_dir: Path, videos: int, frames_per_video: int, si
 
 
 def time_end_to_end(backbone, rows: list, frames_dir: Path, num_frames: int, crop: int, batch_size: int,
-                    device: torch.device, workers: int) -> dict:
-    """extract_features itself on packed JPEG frames (after one untimed warm-up batch)."""
+                    device: torch.device, workers: int, rounds: int = 1, log=print) -> dict:
+    """extract_features (`batched`) and extract_features_per_frame (`per_frame`) on packed JPEG frames,
+    alternating for `rounds` rounds after one untimed warm-up batch each; the top-level videos_per_s is
+    the batched path's median (the one `vclr eval features` runs)."""
     from vclr.data.packed import PackedFrames
-    from vclr.evaluate.features import extract_features
+    from vclr.evaluate.features import extract_features, extract_features_per_frame
 
     rows = [row for row in rows if row.status == "found"]
     if not rows:
         raise VclrError(f"{frames_dir}: no found videos to time")
     frames = PackedFrames(frames_dir)
+    paths = {"batched": extract_features, "per_frame": extract_features_per_frame}
     warm = rows[: max(1, batch_size // num_frames)]
-    extract_features(backbone, warm, frames, num_frames, crop, batch_size, device, 0)
-    _synchronize(device)
-    started = time.perf_counter()
-    features, _, _ = extract_features(backbone, rows, frames, num_frames, crop, batch_size, device, workers)
-    _synchronize(device)
-    seconds = time.perf_counter() - started
+    for extract in paths.values():
+        extract(backbone, warm, frames, num_frames, crop, batch_size, device, 0)
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for round_index in range(rounds):
+        for name, extract in paths.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            features, _, _ = extract(backbone, rows, frames, num_frames, crop, batch_size, device, workers)
+            _synchronize(device)
+            seconds[name].append(time.perf_counter() - started)
+        log(f"  end to end round {round_index + 1}/{rounds}: "
+            + ", ".join(f"{name} {len(features) / values[-1]:.2f}" for name, values in seconds.items())
+            + " videos/s")
     first = rows[0].video_id
     jpeg_bytes = statistics.mean(len(frames.read_jpeg(first, i)) for i in range(frames.num_frames(first)))
-    return {"videos": len(features), "seconds": seconds, "videos_per_s": len(features) / seconds,
-            "workers": workers, "frame_width_height": list(frames.size(first)),
-            "mean_jpeg_bytes": jpeg_bytes}
+    result = {name: {"videos_per_s": len(features) / statistics.median(values),
+                     "rounds": [len(features) / value for value in values]} for name, values in seconds.items()}
+    return {"videos": len(features), "seconds": statistics.median(seconds["batched"]),
+            "videos_per_s": result["batched"]["videos_per_s"], **result,
+            "speedup": result["batched"]["videos_per_s"] / result["per_frame"]["videos_per_s"],
+            "workers": workers, "frame_width_height": list(frames.size(first)), "mean_jpeg_bytes": jpeg_bytes}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -203,16 +236,19 @@ def main(args: argparse.Namespace) -> int:
     backbone, _ = build_backbone(args.backbone)
     backbone = backbone.to(device).eval()
     dataset = DecodedVideos(videos, args.num_frames, size, _eval_transform(args.crop), args.seed)
+    decoded = DecodedVideos(videos, args.num_frames, size, lambda frames: frames, args.seed)
     warm_s = time_forward(backbone, videos_per_batch, videos_per_batch, args.num_frames, args.crop, device)
     print(f"  warm-up batch {warm_s:.1f} s")
-    rates: dict[str, list[float]] = {"forward": [], "path": []}
+    rates: dict[str, list[float]] = {"forward": [], "path": [], "crops": []}
     for round_index in range(args.rounds):
         rates["forward"].append(videos / time_forward(backbone, videos, videos_per_batch, args.num_frames,
                                                       args.crop, device))
         rates["path"].append(videos / time_path(backbone, dataset, videos_per_batch, args.num_frames, device,
                                                 workers))
+        rates["crops"].append(videos / time_crops(backbone, decoded, videos_per_batch, args.num_frames, args.crop,
+                                                  device, workers))
         print(f"  round {round_index + 1}/{args.rounds}: forward {rates['forward'][-1]:.2f}, "
-              f"path {rates['path'][-1]:.2f} videos/s")
+              f"path {rates['path'][-1]:.2f}, crops {rates['crops'][-1]:.2f} videos/s")
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": where, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -239,12 +275,13 @@ def main(args: argparse.Namespace) -> int:
 
                 rows, frames_dir = read_split(args.index), args.frames
             e2e = time_end_to_end(backbone, rows, frames_dir, args.num_frames, args.crop, args.batch_size,
-                                  device, workers)
+                                  device, workers, args.rounds)
         e2e["fraction_of_path"] = e2e["videos_per_s"] / result["synthetic"]["path"]["videos_per_s"]
         result["end_to_end"] = e2e
-        print(f"end to end (packed JPEGs, {e2e['frame_width_height'][0]}x{e2e['frame_width_height'][1]} WxH): "
-              f"{e2e['videos_per_s']:.2f} videos/s over {e2e['videos']} videos = "
-              f"{e2e['fraction_of_path']:.2f} of the decoded-frames path")
+        print(f"end to end (packed JPEGs, {e2e['frame_width_height'][0]}x{e2e['frame_width_height'][1]} WxH, "
+              f"{e2e['videos']} videos, median of {args.rounds}): batched {e2e['batched']['videos_per_s']:.2f}, "
+              f"per-frame {e2e['per_frame']['videos_per_s']:.2f} videos/s (x{e2e['speedup']:.2f}); batched = "
+              f"{e2e['fraction_of_path']:.2f} of the decoded-frames per-frame path")
     if args.out_json:
         atomic_write_json(args.out_json, result)
     return 0

@@ -484,3 +484,29 @@ def eval_crops(frames, crop: int, crops: int = 1, *, mean=IMAGENET_MEAN, std=IMA
         x.mul_(1.0 / 255)
     x = normalize(x, mean, std)
     return x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def eval_crops_sliced(frames, crop: int, crops: int = 1, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """eval_crops where no frame is resized (short sides >= crop: every box is a whole-pixel window):
+    the uint8 windows are sliced out first, one copy per distinct window offset, and only they are
+    converted (eval_crops converts whole frames, then resamples at pixel centres). The same values up
+    to grid_sample's float32 coordinate rounding (eval_crops is off by up to ~2e-5 of the [0,1] range),
+    on 2 shared CPU cores 2.5-10x faster (240 frames of 107x80, crop 48: 9.7k -> 93k frames/s; 60 of
+    340x256, crop 224: 0.3k -> 0.8k); frames that need resizing go to eval_crops."""
+    batch, sizes = _stack_with_sizes(frames)
+    if int(sizes.min()) < crop:
+        return eval_crops(frames, crop, crops, mean=mean, std=std, dtype=dtype, channels_last=channels_last)
+    boxes = eval_crop_boxes(sizes, crop, crops)[:, :2].long()  # (top, left); height = width = crop
+    source = torch.arange(sizes.shape[0]).repeat_interleave(crops)
+    out = torch.empty((source.shape[0], batch.shape[1], crop, crop), dtype=batch.dtype, device=batch.device)
+    offsets, which = torch.unique(boxes, dim=0, return_inverse=True)
+    for k, (top, left) in enumerate(offsets.tolist()):
+        views = (which == k).nonzero()[:, 0]
+        frames_k = batch.index_select(0, source[views].to(batch.device))
+        out[views.to(batch.device)] = frames_k[..., top:top + crop, left:left + crop]
+    x = out.float()
+    if not batch.is_floating_point():
+        x.mul_(1.0 / 255)
+    x = normalize(x, mean, std, inplace=True)
+    return x.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -187,9 +187,10 @@ def ablation_table(results: pd.DataFrame, reference_labels: dict[str, str],
     """Tidy ablation frame with ABLATION_COLUMNS, one row per (axis, setting, run, dataset, metric).
 
     Each ablation axis (in the order the records came, then axes only the paper has) lists the
-    reference run first (the grid's own reference run - no axis, not in the main tables - or else the
-    non-random run group of the main tables' backbones, pretrained on the same data as the axis's
-    runs; labelled reference_labels[axis], or "reference") and then its ablation
+    reference run first (the axis's own reference run when the axis has its own settings, else the
+    grid's own reference run - no axis, not in the main tables - or else the non-random run group of
+    the main tables' backbones, pretrained on the same data as the axis's runs; labelled
+    reference_labels[axis], or "reference") and then its ablation
     runs; numeric settings (segments, epochs) are sorted by value instead. Numbers: the
     ABLATION_METRICS the axis's runs have (mean, std, n over the seeds that ran). paper_value: the
     paper_ablations row of (axis, label, dataset, metric), NaN when none; paper rows that match no
@@ -202,10 +203,13 @@ def ablation_table(results: pd.DataFrame, reference_labels: dict[str, str],
     rows = []
     for axis in dict.fromkeys([*ablated["ablation_axis"], *paper_ablations["axis"]]):
         part = ablated[ablated["ablation_axis"] == axis]
+        own_reference = part[part["ablation_label"].isna()]  # an axis with its own settings
+        part = part[part["ablation_label"].notna()]
         candidates = scored[(scored["run"] != "random") & scored["ablation_axis"].isna()
                             & scored["pretrain_dataset"].isin(set(part["pretrain_dataset"]))]
         grid_base = candidates[~candidates["reference"]]  # the grid's own reference (ablations.settings)
-        reference = grid_base if len(grid_base) else candidates[candidates["reference"]]
+        reference = (own_reference if len(own_reference) else
+                     grid_base if len(grid_base) else candidates[candidates["reference"]])
         reference_runs = list(dict.fromkeys(reference["run"]))
         label = str(reference_labels.get(axis, "reference"))
         entries = [(label if len(reference_runs) == 1 else f"{label} ({run})", run,
