@@ -14,11 +14,13 @@ from vclr import cli
 def test_bench_retrieval_smoke(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "retrieval", "--queries", "40", "--gallery", "120", "--dim", "32", "--rounds", "2",
-            "--probe-sizes", "400,800", "--probe-target", "240000", "--out-json", str(out)]
+            "--probe-widths", "4,8", "--probe-target", "3200", "--out-json", str(out)]
     assert cli.main(argv) == 0
     results = json.loads(out.read_text())
     retrieval = results["retrieval"]
     assert set(retrieval["median_seconds"]) == {"ours", "sklearn"}
     assert retrieval["top_k_agreement"] > 0.99  # both sides rank the same gallery videos
     probe = results["linear_probe"]
-    assert [m["n"] for m in probe["measured"]] == [400, 800] and probe["estimated_seconds"] > 0
+    # Kinetics' shape scaled down: rows per feature kept (3200 / 32 = 100)
+    assert [(m["n"], m["d"]) for m in probe["measured"]] == [(400, 4), (800, 8)] and probe["estimated_seconds"] > 0
+    assert all(len(m["iterations"]) == probe["timed_classes"] for m in probe["measured"])

@@ -56,6 +56,22 @@ def test_separable_classes_are_learned_with_the_liblinear_primal_solver():
     assert shuffled["accuracy"]["top1"] < 0.6
 
 
+def test_parallel_one_vs_rest_is_the_same_model():
+    """--jobs N solves liblinear's one-vs-rest problems in parallel: the same scores, so the same metrics."""
+    from sklearn.multiclass import OneVsRestClassifier
+
+    rng = np.random.default_rng(3)
+    centres = np.eye(6) * 0.3  # overlapping classes: the metrics are not trivially perfect
+    train, train_labels = _blobs(rng, 30, centres)
+    test, test_labels = _blobs(rng, 20, centres)
+    one = LinearSVC(C=1.0, dual=False).fit(train, train_labels).decision_function(test)
+    parallel = OneVsRestClassifier(LinearSVC(C=1.0, dual=False), n_jobs=2).fit(train, train_labels)
+    np.testing.assert_allclose(parallel.decision_function(test), one, rtol=1e-5, atol=1e-6)
+    serial, split = (linear_probe_metrics(train, train_labels, test, test_labels, jobs=jobs) for jobs in (1, 2))
+    assert serial["accuracy"] == split["accuracy"] and 0.3 < serial["accuracy"]["top1"] < 1.0
+    assert split["classifier"]["jobs"] == 2
+
+
 def test_two_classes_and_bad_input():
     rng = np.random.default_rng(1)
     train, train_labels = _blobs(rng, 10, np.eye(2) * 4)

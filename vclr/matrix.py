@@ -477,7 +477,8 @@ def _evaluation_meta(task: str, dataset: str, arch: str | None, backbone: Backbo
 
 
 def _feature_evaluation_job(config: dict, config_path: str, task: str, backbone: Backbone, dataset: str,
-                            train: Job, test: Job, flags: list[str], params: tuple[str, ...]) -> Job:
+                            train: Job, test: Job, flags: list[str], params: tuple[str, ...],
+                            threads: int = 1) -> Job:
     """`vclr eval retrieval|linear-probe` on two features files. The record hashes the checkpoint
     and the data index the features came from, so both are deps too."""
     name = f"{task}_{backbone.name}_{dataset}"
@@ -487,7 +488,7 @@ def _feature_evaluation_job(config: dict, config_path: str, task: str, backbone:
     index = _data_paths(config, dataset)["index"]
     return Job(name, task, tuple(argv), (train.out_files[0], test.out_files[0], index) + backbone.deps + CODE[task],
                metrics_files=(metrics,), params=params + RECORD_PARAMS, log=_log(config, name),
-               resources={"runtime": 12 * 60, "mem_mb": 32000},
+               resources={"runtime": 12 * 60, "mem_mb": 32000}, threads=threads,
                meta=_evaluation_meta(task, dataset, None, backbone, gallery=train.out_files[0],
                                      queries=test.out_files[0], frames=_data_paths(config, dataset)["frames"]))
 
@@ -592,7 +593,7 @@ def evaluation_jobs(config: dict, config_path: str) -> list[Job]:
                            for key in ("train_split", "test_split"))
             jobs.append(_feature_evaluation_job(
                 config, config_path, "linear_probe", backbone, probe["dataset"], train, test,
-                _flags(probe, ("C",)), ("evaluate.linear_probe",)))
+                _flags(probe, ("C", "jobs")), ("evaluate.linear_probe",), threads=probe.get("jobs", 1)))
         return jobs
 
     backbones = evaluated_backbones(config)

@@ -42,13 +42,20 @@ def mean_class_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
 
 
 def linear_probe_metrics(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
-                         C: float = 1.0, class_names: dict[int, str] | None = None) -> dict:
+                         C: float = 1.0, class_names: dict[int, str] | None = None, jobs: int = 1) -> dict:
+    """`jobs` > 1 solves the one-vs-rest problems in parallel processes: the same binary problems
+    liblinear solves one after another (the same model; Kinetics-sized, ~150 CPU-hours in one
+    process, docs/benchmarks.md)."""
     train_labels, test_labels = check_labelled_splits(train_features, train_labels, test_features,
                                                       test_labels, class_names)
     if len(np.unique(train_labels)) < 2:
         raise VclrError("train split: a linear classifier needs at least two classes")
     started = time.perf_counter()
     classifier = LinearSVC(C=C, dual=False)  # liblinear's primal L2-regularised L2-loss SVM
+    if jobs > 1 and len(np.unique(train_labels)) > 2:
+        from sklearn.multiclass import OneVsRestClassifier
+
+        classifier = OneVsRestClassifier(classifier, n_jobs=jobs)
     classifier.fit(train_features, train_labels)
     fit_seconds = time.perf_counter() - started
     scores = classifier.decision_function(test_features)
@@ -59,21 +66,21 @@ def linear_probe_metrics(train_features: np.ndarray, train_labels, test_features
         "accuracy": {**topk_accuracy(scores, classifier.classes_, test_labels),
                      "mean_class": mean_class_accuracy(predicted, test_labels)},
         "classifier": {"kind": "LinearSVC(dual=False)", "C": C, "solver": "liblinear -s 2",
-                       "fit_seconds": fit_seconds},
+                       "fit_seconds": fit_seconds, "jobs": jobs},
         "counts": {"train": len(train_labels), "test": len(test_labels),
                    "classes": len(classifier.classes_)},
     }
 
 
 def evaluate_files(train_path: str | os.PathLike, test_path: str | os.PathLike, out: str | os.PathLike,
-                   C: float = 1.0, protocol: str | None = None, **identity) -> dict:
+                   C: float = 1.0, protocol: str | None = None, jobs: int = 1, **identity) -> dict:
     """Probe metrics of two feature files, written to `out` as a metrics record (its `metrics` hold
     accuracy, classifier, counts; extra.train / extra.test the two files' provenance); returns it.
     The protocol defaults to svm_<num_frames>frames (the name in spec/reference_results.csv);
     `identity`: config_path, seed, profile, dataset, split (record.write_feature_evaluation)."""
     return write_feature_evaluation(
         train_path, test_path, out,
-        lambda *splits: linear_probe_metrics(*splits[:4], C=C, class_names=splits[4]), task="linear_probe",
+        lambda *splits: linear_probe_metrics(*splits[:4], C=C, class_names=splits[4], jobs=jobs), task="linear_probe",
         protocol=protocol or (lambda provenance: f"svm_{provenance.get('num_frames', 'unknown')}frames"),
         **identity)
 
@@ -83,6 +90,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", required=True, type=Path, help="evaluation-split features (.npz)")
     parser.add_argument("--out", required=True, type=Path, help="metrics JSON to write")
     parser.add_argument("--C", type=float, default=1.0, help="SVM regularisation (the paper: 1.0)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes solving the one-vs-rest problems in parallel (the same model)")
     add_provenance_arguments(parser, "protocol name for the record (default svm_<num_frames>frames, "
                                      "the paper's: svm_30frames)")
 
@@ -90,7 +99,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.C <= 0:
         raise VclrError(f"--C must be positive, got {args.C}")
-    metrics = evaluate_files(args.train, args.test, args.out, args.C, **identity_from_args(args))["metrics"]
+    if args.jobs < 1:
+        raise VclrError(f"--jobs must be >= 1, got {args.jobs}")
+    metrics = evaluate_files(args.train, args.test, args.out, args.C, jobs=args.jobs,
+                             **identity_from_args(args))["metrics"]
     accuracy = metrics["accuracy"]
     print(f"top1 {100 * accuracy['top1']:.1f}  top5 {100 * accuracy['top5']:.1f}  "
           f"mean class {100 * accuracy['mean_class']:.1f}  ({metrics['counts']['train']} train, "
