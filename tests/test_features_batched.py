@@ -24,6 +24,7 @@ from vclr.data.index import COLUMNS, read_split
 from vclr.data.packed import FORMAT, PackedFrames, ShardVideo, write_shard
 from vclr.errors import VclrError
 from vclr.evaluate import features as features_module
+from vclr.evaluate.feature_files import load_features
 from vclr.evaluate.features import (
     JpegVideoDataset,
     _collate_jpegs,
@@ -33,7 +34,6 @@ from vclr.evaluate.features import (
     extract_features_per_frame,
     features_for_split,
     load_backbone,
-    load_features,
     uniform_clip_indices,
 )
 

@@ -8,7 +8,7 @@ from sklearn.svm import LinearSVC
 
 from vclr import cli
 from vclr.errors import VclrError
-from vclr.evaluate.features import file_sha256, save_features
+from vclr.evaluate.feature_files import file_sha256, save_features
 from vclr.evaluate.linear_probe import (
     evaluate_files,
     linear_probe_metrics,

@@ -11,11 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import copy_checkout, run, run_together
+
 from vclr.config import config_hash, load_config
 from vclr.data import DATASETS
-from vclr.evaluate.record import SNAKEMAKE_MARKER, dvc_dir_md5, dvc_file_md5, read_metrics_record
+from vclr.evaluate.record import (
+    SNAKEMAKE_MARKER,
+    dvc_dir_md5,
+    dvc_file_md5,
+    read_metrics_record,
+)
 from vclr.matrix import expand_jobs
 
 # the first test also pays for the session's tiny pipeline (~13 min on 2 shared cores)
@@ -245,7 +250,8 @@ def _retrieval_r1(root: Path, checkpoint: str, seed: int, tmp_path: Path, arch: 
                   **clip: int) -> float:
     """UCF101-stand-in R@1 of a backbone (default: the profile's 2D trunk; a 3D one with its clip
     settings), with the pipeline's own feature settings."""
-    from vclr.evaluate.features import features_for_split, load_feature_pair
+    from vclr.evaluate.feature_files import load_feature_pair
+    from vclr.evaluate.features import features_for_split
     from vclr.evaluate.retrieval import retrieval_metrics
 
     settings, index = TINY["evaluate"]["features"], root / DATA / "index" / "ucf101"

@@ -21,7 +21,7 @@ from PIL import Image
 from vclr.cli import main as cli_main
 from vclr.data.synthetic import generate_dataset
 from vclr.errors import VclrError
-from vclr.evaluate.features import load_features, save_features
+from vclr.evaluate.feature_files import load_features, save_features
 from vclr.report import figures
 from vclr.report.figures import (
     ablation_figure,

@@ -13,13 +13,8 @@ from PIL import Image
 from vclr import cli
 from vclr.data.packed import FORMAT, PackedFrames, ShardVideo, write_shard
 from vclr.errors import VclrError
-from vclr.evaluate.features import (
-    center_crop,
-    extract_features,
-    load_backbone,
-    load_features,
-    save_features,
-)
+from vclr.evaluate.feature_files import load_features, save_features
+from vclr.evaluate.features import center_crop, extract_features, load_backbone
 from vclr.evaluate.retrieval import nearest_gallery, retrieval_metrics
 
 # Gallery of unit vectors on a circle, so cosine similarities are easy to reason about.

@@ -40,11 +40,11 @@ from vclr.data.sampling import sample_video, segment_bounds
 from vclr.data.synthetic import generate_dataset
 from vclr.errors import VclrError
 from vclr.evaluate import features as features_module
+from vclr.evaluate.feature_files import load_feature_pair
 from vclr.evaluate.features import (
     center_crop,
     extract_features,
     load_backbone,
-    load_feature_pair,
     uniform_clip_indices,
 )
 from vclr.models.backbones import (

@@ -27,11 +27,11 @@ CODE = {
         "vclr/data/pretrain_dataset.py", "vclr/data/sampling.py", "vclr/data/augment.py",
         "vclr/data/batch_augment.py", "vclr/models/video3d.py",
     ),
-    "features": ("vclr/evaluate/features.py", "vclr/data/frames.py", "vclr/data/packed.py",
+    "features": ("vclr/evaluate/features.py", "vclr/evaluate/feature_files.py", "vclr/data/frames.py", "vclr/data/packed.py",
                  "vclr/data/batch_augment.py", "vclr/models/backbones.py", "vclr/models/video3d.py"),
     # the metrics record is every evaluation's output format
-    "retrieval": ("vclr/evaluate/retrieval.py", "vclr/evaluate/record.py"),
-    "linear_probe": ("vclr/evaluate/linear_probe.py", "vclr/evaluate/record.py"),
+    "retrieval": ("vclr/evaluate/retrieval.py", "vclr/evaluate/feature_files.py", "vclr/evaluate/record.py"),
+    "linear_probe": ("vclr/evaluate/linear_probe.py", "vclr/evaluate/feature_files.py", "vclr/evaluate/record.py"),
     "finetune": (
         "vclr/train/finetune.py", "vclr/data/finetune_dataset.py", "vclr/data/sampling.py",
         "vclr/models/tsn.py", "vclr/models/backbones.py", "vclr/models/video3d.py", "vclr/evaluate/record.py",

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.svm import LinearSVC
 
 from vclr.errors import VclrError
-from vclr.evaluate.features import check_labelled_splits
+from vclr.evaluate.feature_files import check_labelled_splits
 from vclr.evaluate.record import (
     add_provenance_arguments,
     identity_from_args,

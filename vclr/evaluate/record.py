@@ -258,7 +258,7 @@ def write_feature_evaluation(train_path: str | os.PathLike, test_path: str | os.
     to the config's; `protocol` may be a function of the test file's provenance. The two files'
     provenance goes under extra.train / extra.test.
     """
-    from vclr.evaluate.features import file_sha256, load_feature_pair
+    from vclr.evaluate.feature_files import file_sha256, load_feature_pair
 
     started = time.perf_counter()
     train, test, names = load_feature_pair(train_path, test_path)

@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 
 from vclr.data.packed import PackedFrames
 from vclr.errors import VclrError
-from vclr.evaluate.features import check_labelled_splits, load_feature_pair
+from vclr.evaluate.feature_files import check_labelled_splits, load_feature_pair
 from vclr.evaluate.retrieval import nearest_gallery
 from vclr.io_utils import atomic_open
 from vclr.train.losses import LOSS_TERMS

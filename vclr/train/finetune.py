@@ -382,7 +382,7 @@ def _finetune(settings: dict, index_dir: Path, frames_dir: Path, out_dir: Path, 
 
 
 def _sha256(path) -> str:
-    from vclr.evaluate.features import file_sha256
+    from vclr.evaluate.feature_files import file_sha256
 
     return file_sha256(path)
 
