@@ -41,7 +41,7 @@ from vclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames, read_manifest
 from vclr.errors import VclrError
-from vclr.evaluate.features import file_sha256, load_npz_with_provenance
+from vclr.evaluate.feature_files import file_sha256, load_npz_with_provenance
 from vclr.evaluate.proposals import TIOU_THRESHOLDS, average_recall_vs_an, soft_nms, uniform_random_proposals
 from vclr.io_utils import atomic_open, atomic_write_json, atomic_write_text
 from vclr.models.backbones import read_checkpoint_file
