@@ -67,9 +67,9 @@ def bench_linear_probe(widths: list[int], dim: int, classes: int, target: int, s
     classes, estimated from scaled runs.
 
     The scaled runs keep Kinetics-400's SHAPE: d in `widths` features and n = target * d / dim rows
-    (117 rows per feature for 240k x 2048). Fewer rows at full width would not do: with n < d the
-    classes are separable and liblinear's Newton solver stops at its iteration cap (measured: n 500 to
-    4,000 at d 2,048 all ran 1,000 iterations), timing a problem the real, overdetermined one is not.
+    (117 rows per feature for 240k x 2048). Fewer rows at full width would not do: liblinear's Newton
+    solver then stops at its iteration cap (measured: n 500 to 16,000 at d 2,048 all ran 1,000
+    iterations), timing the cap rather than a problem shaped like the real one.
     A Newton step is a few passes over the n x d data, so the time per class is fitted as a power law
     in n * d and extrapolated to target * dim; liblinear solves the classes one after another, so the
     fit is `classes` x the mean of `timed_classes` timed problems. Iterations are reported per point
