@@ -207,7 +207,8 @@ def test_tiny_metrics_against_chance(tiny_pipeline, capsys):
     time-reversal pairs sharing a scene texture: frame-averaged methods top out near 50%; only TSM
     sees direction. With 16-32 test videos a single number is a few videos from chance (over seeds
     0-2 some runs fell to or below it), so only the mean fine-tuning top-1 of the ten runs is
-    asserted above chance (it was 2.1-2.6x chance over seeds 0-2; R@1's mean went down to 1.4x)."""
+    asserted above chance (it was 2.1-2.6x chance over seeds 0-2; R@1's mean went down to 1.4x).
+    Localisation is asserted above its trivial baseline, uniformly random proposals."""
     lines, tuned = [], []
     for job, path in RECORDS:
         record = read_metrics_record(tiny_pipeline / path)
@@ -227,11 +228,12 @@ def test_tiny_metrics_against_chance(tiny_pipeline, capsys):
         else:
             assert 0 <= metrics["AR@1"] <= metrics["AR@5"] <= metrics["AR@10"] <= metrics["AR@100"] <= 100
             assert 0 <= metrics["AUC"] <= 100
-            # the trivial baseline, uniformly random proposals on the same videos, is kept in the record.
-            # Not asserted: on the tiny stand-in BMN scores below it (AUC ~36-38 against ~53, 2026-11-27;
-            # open in the evaluation issue); test_bmn.py checks BMN beats it on features that carry
-            # the segments.
+            # above the trivial baseline kept in the record, uniformly random proposals on the same
+            # videos: measured +21 to +31 AUC over 5 seeds x 2 backbones (2026-11-28); a BMN that only
+            # learns where spans usually lie reaches ~+12 at most (test_bmn.py's control)
             baseline = record["extra"]["baseline_uniform_random"]
+            assert metrics["AUC"] > baseline["AUC"] + 15, (job.name, metrics, baseline)
+            assert metrics["AR@100"] > baseline["AR@100"], (job.name, metrics, baseline)
             lines.append(f"{job.name:34s} AUC {metrics['AUC']:.1f}  AR@100 {metrics['AR@100']:.1f}  "
                          f"(uniform random: AUC {baseline['AUC']:.1f})")
             continue

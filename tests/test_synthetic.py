@@ -360,8 +360,11 @@ def test_activitynet_segments_are_exactly_the_action_frames():
     action = np.zeros(100, dtype=bool)
     for start, end in spans:
         action[start:end] = True
-    # background: one still, untextured scene without the object; a single frame tells it from action
-    assert (frames[~action] == frames[0]).all()
+    # background: one still grey scene without texture or object, the same in every video (another
+    # video, scene and class: the same background), so a single frame tells it from action everywhere
+    assert (frames[~action] == synthetic.BACKGROUND_GREY).all()
+    other = render_frames(class_motions("anet", 2)[1], 9, 64, 48, 30, action_spans=[(5, 20)], texture_family=1)
+    assert (other[:5] == frames[0]).all() and (other[20:] == frames[0]).all()
     textured = frames.astype(np.float32).std(axis=(1, 2, 3))
     assert textured[action].min() > textured[~action].max()
     centres = motion_centres(frames)

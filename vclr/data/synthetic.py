@@ -18,9 +18,13 @@ class. The ssv2 stand-in, like the real dataset ("Pushing something from left to
 right to left"), uses left/right pairs: there a horizontal flip turns a video into its paired class.
 
 ActivityNet's stand-in is untrimmed: 1-2 action segments (the class's scene and object, in motion)
-inside background that shows neither (the plain, untextured scene, as real untrimmed videos cut to
-other scenes): a frame tells action from background, as the one-frame-per-snippet TSN features of
-the localisation protocol need; the JSON segments are the exact times of the action frames.
+inside background that shows neither: one still, plain grey scene, the same in every video (as real
+untrimmed videos cut away to unrelated footage). A frame tells action from background, as the
+one-frame-per-snippet TSN features of the localisation protocol need, and it does so the same way in
+every video: with the video's own untextured scene as background instead, a TSN fine-tuned on the
+12 tiny training videos scored each video's background differently and BMN, trained on 12 videos,
+could not learn what background looks like (it lost to random proposals on some seeds). The JSON
+segments are the exact times of the action frames.
 
 Everything is derived from the seed: the same seed gives byte-identical annotation files and videos
 that decode to identical frames.
@@ -281,6 +285,8 @@ def _appearance(sample_seed: int, width: int, height: int, mirror_invariant: boo
     }
 
 
+BACKGROUND_GREY = 118  # the anet stand-in's background frames: plain grey, no texture, no object
+
 TEXTURE_FAMILIES = ("stripes", "checks", "dots", "crosshatch", "waves", "blocks")
 TEXTURE_CONTRAST = 40.0  # grey levels either side of the colour layout
 
@@ -368,7 +374,7 @@ def render_frames(
 
     Without `action_spans` the motion spans the whole clip. With spans (untrimmed videos) the motion
     plays once inside each [start, end) frame range; the frames outside every span are background:
-    the scene without its texture and without the object.
+    plain BACKGROUND_GREY frames, the same in every video (no scene, texture or object).
     """
     if num_frames < 2:
         raise VclrError(f"a video needs at least 2 frames, got {num_frames}")
@@ -406,15 +412,12 @@ def render_frames(
     world_width, world_height = width + camera_px[:, 0].max(), height + camera_px[:, 1].max()
     world = _background(appearance, int(world_width), int(world_height), texture_family)
     world_u8 = np.clip(np.rint(world), 0, 255).astype(np.uint8)
-    if not in_action.all():  # untrimmed: the background scene has no texture and no object
-        plain = np.clip(np.rint(_background(appearance, int(world_width), int(world_height))), 0, 255)
-        plain_u8 = plain.astype(np.uint8)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     colour = appearance["colour"].astype(np.float32)
     for t in range(num_frames):
         cx, cy = camera_px[t]
-        if not in_action[t]:
-            frames[t] = plain_u8[cy : cy + height, cx : cx + width]
+        if not in_action[t]:  # untrimmed background: one grey scene, the same in every video
+            frames[t] = BACKGROUND_GREY
             continue
         frames[t] = world_u8[cy : cy + height, cx : cx + width]
         # Draw only inside the object's box (plus the outline): the rest of the frame is background.

@@ -567,6 +567,10 @@ def main(args: argparse.Namespace) -> int:
                     "samples_per_bin": args.samples_per_bin, "boundary_ratio": args.boundary_ratio,
                     "hidden_1d": args.hidden[0], "hidden_2d": args.hidden[1], "hidden_3d": args.hidden[2],
                     "groups": groups}
+    cuts = (args.epochs - 1) // args.lr_step
+    if cuts >= 2:  # the reference cuts once (step 7 of 9 epochs); more epochs need a larger --lr-step
+        print(f"note: --lr-step {args.lr_step} with --epochs {args.epochs} cuts the lr x0.1 {cuts} times "
+              f"(to {lr_at_epoch(args.epochs - 1, args.lr, args.lr_step):g} in the last epoch)")
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoint = args.work / "bmn_checkpoint.pt"
     features_sha = file_sha256(args.features)

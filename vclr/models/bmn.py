@@ -139,7 +139,11 @@ def bmn_labels(segments, temporal_scale: int) -> tuple[np.ndarray, np.ndarray, n
     proposal runs past the video end; the loss masks those cells). Start/end label at position i: the
     largest fraction of the anchor [(i-0.5)/T, (i+1.5)/T] covered by [b - 1.5/T, b + 1.5/T] around a
     segment's start/end b. The anchors are 2/T wide, not 1/T, exactly as in the reference
-    (`_temporal_anchors(-0.5, 1.5)`), so a position right at a boundary gets 0.75, not 1.
+    (`_temporal_anchors(-0.5, 1.5)`): the label is 1 where i/T <= b <= (i+1)/T and drops by 0.5 per 1/T
+    beyond. `candidate_proposals` puts position i's boundary at i/T, so, as in the reference, the
+    best-labelled positions round a boundary down (by 0.5/T on average). With T = 32 and the tiny
+    stand-in's 1.5-3 s actions in ~8 s, this grid caps a BMN whose outputs equal its labels at
+    AR@100 ~90, AUC ~88 (measured).
     """
     segments = np.asarray(segments, dtype=np.float64)
     if segments.size == 0:
