@@ -299,7 +299,9 @@ def test_clip_settings_are_checked_before_training(tiny_data, tmp_path):
         pretrain({**CLIP_SETTINGS, "epochs": 1, "clip_stride": 0}, index_csv, frames_dir, tmp_path / "b")
     with pytest.raises(VclrError, match="MoCo v2 weights are 2D"):
         pretrain({**CLIP_SETTINGS, "epochs": 1, "init": "moco_v2:x.pth"}, index_csv, frames_dir, tmp_path / "c")
-    assert not any((tmp_path / name).exists() for name in "abc")
+    with pytest.raises(VclrError, match="trains in bf16 on a GPU only"):  # PyTorch's CPU bf16 conv3d gradients
+        pretrain({**CLIP_SETTINGS, "epochs": 1, "bf16": True, "device": "cpu"}, index_csv, frames_dir, tmp_path / "d")
+    assert not any((tmp_path / name).exists() for name in "abcd")
     parser = argparse.ArgumentParser()
     from vclr.train import pretrain as pretrain_module
 

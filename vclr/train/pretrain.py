@@ -194,6 +194,11 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / "log.jsonl"
     is_writer, processes = rank() == 0, world_size()
     device = resolve_device(settings["device"])
+    if settings["bf16"] and device.type == "cpu" and is_video_backbone(settings["backbone"]):
+        # torch 2.14 CPU: autocast's bf16 conv3d weight gradient comes out NaN for some shapes (e.g.
+        # 96 x 57 x 2 x 6 x 6 through a 3x1x1 temporal conv of r2plus1d_tiny), so the run dies at step 2
+        raise VclrError(f"bf16: a 3D backbone ({settings['backbone']}) trains in bf16 on a GPU only; on the "
+                        f"CPU PyTorch's bf16 conv3d weight gradients can be NaN (drop --bf16)")
     set_determinism(settings["deterministic"], device)
 
     batched = settings["augment"] == "batched"
