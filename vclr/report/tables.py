@@ -298,7 +298,8 @@ def write_report_tables(out_dir: str | os.PathLike, results: pd.DataFrame, publi
         title, stem = f"Ablation: {axis}", f"ablation_{_slug(axis)}"
         write_table(ablation_display(part), out_dir, stem, title,
                     banner + "All values in percent: mean ± sample std over seeds (n = seeds that ran); the "
-                    "reference row is the grid's reference run (the main run with the grid's shared settings)." + missing_paper)
+                    "reference row is the main run with the grid's shared settings, or with the axis's own settings "
+                    "where the axis has some (its Run column names it)." + missing_paper)
         written.append((title, stem))
     return written
 
