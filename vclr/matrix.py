@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 
 from vclr.data import DATASETS
@@ -94,6 +94,9 @@ class Job:
     log: str = ""
     threads: int = 1
     resources: dict = field(default_factory=dict)
+    # Snakemake starts ready jobs of higher priority first: the long pretraining runs, so the
+    # longest chain (data -> the costliest run -> its evaluations) does not wait behind short jobs.
+    priority: int = 0
     # What the report needs to place the job's outputs in a table (run, seed, ablation, ...).
     meta: dict = field(default_factory=dict)
     # Outputs kept in git, not in DVC's cache (the generated tables): DVC `cache: false`.
@@ -322,6 +325,11 @@ def pretrain_runs(config: dict) -> list[PretrainRun]:
     return runs
 
 
+def _pretrain_cost(settings: dict) -> int:
+    """A run's relative cost for scheduling: epochs x frames per segment sample (a clip's T)."""
+    return int(settings.get("epochs", 1)) * int(settings.get("clip_frames") or 1)
+
+
 def pretrain_jobs(config: dict) -> list[Job]:
     """One `vclr train pretrain` job per run of pretrain_runs, plus the download of the MoCo v2
     weights when a run starts from them (`init: moco_v2`)."""
@@ -350,7 +358,7 @@ def pretrain_jobs(config: dict) -> list[Job]:
             out_files=(f"{out}/backbone.pt", f"{out}/summary.json"),
             persist_files=(f"{out}/checkpoint_last.pt", f"{out}/log.jsonl"),
             params=run.params, log=_log(config, f"pretrain_{run.name}"),
-            threads=max(1, settings.get("workers", 0)),
+            threads=max(1, settings.get("workers", 0)), priority=_pretrain_cost(settings),
             resources=_gpu_resources(processes if processes > 1 else 0, 72),
             meta={"run": run.group, "seed": run.seed, "dataset": settings["dataset"],
                   "epochs": settings.get("epochs"), "log": f"{out}/log.jsonl",
@@ -654,10 +662,13 @@ def expand_jobs(config: dict, config_path: str) -> list[Job]:
     """Every job of the profile, in dependency order. `config_path`: the profile's file as the
     commands see it (relative to the repository root), recorded in every metrics record."""
     jobs: list[Job] = []
+    pretraining = pretrain_jobs(config)
     for dataset in DATASETS:
         if dataset in config["datasets"]:
-            jobs += data_jobs(config, dataset)
-    jobs += pretrain_jobs(config)
+            # a pretraining dataset's data first, at its costliest run's priority
+            priority = max((job.priority for job in pretraining if job.meta.get("dataset") == dataset), default=0)
+            jobs += [replace(job, priority=priority) for job in data_jobs(config, dataset)]
+    jobs += pretraining
     jobs += evaluation_jobs(config, config_path)
     if any(job.metrics_files for job in jobs):
         jobs.append(report_job(config, config_path, jobs))

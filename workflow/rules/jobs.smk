@@ -16,6 +16,7 @@ for _job in JOBS:
         log:
             _job.log,
         threads: _job.threads
+        priority: _job.priority
         conda:
             # the pinned environment of the whole suite (used with --sdm conda)
             "../../environment.yml"
