@@ -179,8 +179,9 @@ def _checkpoint_file(job) -> str | None:
 
 def test_every_evaluation_writes_a_citable_record(tiny_pipeline):
     repo = Path(__file__).resolve().parents[1]
-    # seed 0 and random: every evaluation; seed 1: retrieval x 2 + the probe; ablation runs: retrieval x 2
-    assert len(RECORDS) == 2 * 9 + 3 + 5 * 2
+    # seed 0 and random: every evaluation; seed 1: retrieval x 2 + the probe; the 8 ablation rows
+    # (grid reference, seco, segment, k4, e134, init moco, backbone reference, r2plus1d): retrieval x 2
+    assert len(RECORDS) == 2 * 9 + 3 + 8 * 2
     for job, path in RECORDS:
         record = read_metrics_record(tiny_pipeline / path)
         assert record["task"] == job.stage and record["profile"] == "tiny" and record["seed"] == job.meta["seed"], path
