@@ -53,27 +53,34 @@ def build_index(
         _write_classes(tmp / "classes.csv", annotations)
         for split_name, entries in annotations.splits.items():
             counts = dict.fromkeys(STATUSES, 0)
-            with open(tmp / f"{split_name}.csv", "w", encoding="utf-8", newline="") as handle:
-                writer = csv.writer(handle, lineterminator="\n")
-                writer.writerow(COLUMNS)
-                for entry in entries:
-                    status = "found" if entry.key in videos else "undecodable" if entry.key in failed else "missing"
-                    counts[status] += 1
-                    video = videos.get(entry.key, {}) if status == "found" else {}
-                    writer.writerow([
-                        entry.key,
-                        entry.label,
-                        entry.label_name,
-                        status,
-                        int(video.get("frames", 0)),
-                        video.get("shard", ""),
-                        "" if entry.duration is None else repr(entry.duration),
-                        json.dumps([list(segment) for segment in entry.segments]) if dataset == "anet" else "",
-                    ])
+            rows = []
+            for entry in entries:
+                status = "found" if entry.key in videos else "undecodable" if entry.key in failed else "missing"
+                counts[status] += 1
+                video = videos.get(entry.key, {}) if status == "found" else {}
+                rows.append(IndexRow(entry.key, entry.label, entry.label_name, status, int(video.get("frames", 0)),
+                                     video.get("shard", ""), entry.duration,
+                                     list(entry.segments) if dataset == "anet" else []))
+            write_split(tmp / f"{split_name}.csv", rows, with_segments=dataset == "anet")
             summary["splits"][split_name] = {"listed": len(entries), **counts}
         with open(tmp / "summary.json", "w", encoding="utf-8") as handle:
             handle.write(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def write_split(path: str | Path, rows: list[IndexRow], with_segments: bool = False) -> None:
+    """One `<split>.csv` (COLUMNS; read back by read_split); with_segments (ActivityNet) writes every
+    row's segments as JSON, an empty list too. Written in place: callers that need atomicity write
+    into a temporary directory (build_index) or a fresh one."""
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([
+                row.video_id, row.label, row.label_name, row.status, row.frames, row.shard,
+                "" if row.duration is None else repr(row.duration),
+                json.dumps([list(segment) for segment in row.segments]) if with_segments else "",
+            ])
 
 
 def _manifest_entries(dataset: str, frames_dir: str | Path | None) -> tuple[dict, dict]:
