@@ -323,13 +323,14 @@ def test_batched_dataset_contract(tiny_data):
 
 
 def test_batched_pretraining_runs_and_resumes_exactly(tiny_data, tmp_path):
-    """2 epochs x 2 steps with `augment: batched`: uninterrupted vs stopped at step 3 and resumed
-    through the CLI (--augment batched, with a loader worker): the same losses, bit for bit."""
+    """2 epochs x 2 steps with `augment: batched`: uninterrupted (batches prepared one ahead in the
+    prefetch thread, the default) vs stopped at step 3 without prefetching and resumed through the
+    CLI (--augment batched, a loader worker, 3 batches ahead): the same losses, bit for bit."""
     index_csv, frames_dir = tiny_data
     settings = {**SETTINGS, "epochs": 2, "augment": "batched"}
     summary = pretrain(settings, index_csv, frames_dir, tmp_path / "whole")
-    assert summary["completed"] and summary["steps"] == 4
-    pretrain({**settings, "max_steps": 3}, index_csv, frames_dir, tmp_path / "split")
+    assert summary["completed"] and summary["steps"] == 4 and summary["settings"]["prefetch"] == 1
+    pretrain({**settings, "max_steps": 3, "prefetch": 0}, index_csv, frames_dir, tmp_path / "split")
     checkpoint = load_checkpoint(tmp_path / "split" / "checkpoint_last.pt")
     assert (checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"]) == (1, 1, 3)
     assert checkpoint["config"]["augment"] == "batched"
@@ -339,7 +340,8 @@ def test_batched_pretraining_runs_and_resumes_exactly(tiny_data, tmp_path):
         "--index", str(index_csv), "--frames", str(frames_dir), "--out", str(tmp_path / "split"),
         "--backbone", "resnet_tiny", "--epochs", "2", "--batch-size", "4", "--lr", "2.0", "--warmup-epochs", "1",
         "--queue-size", "16", "--crop", "32", "--segments", "3", "--temperature", "0.1", "--seed", "3",
-        "--checkpoint-every", "1", "--deterministic", "--device", "cpu", "--workers", "1", "--augment", "batched"])
+        "--checkpoint-every", "1", "--deterministic", "--device", "cpu", "--workers", "1", "--augment", "batched",
+        "--prefetch", "3"])
     assert pretrain_module.main(args) == 0
     strip = lambda records: [{k: v for k, v in r.items() if k != "videos_per_s"} for r in records]
     expected, got = strip(_log(tmp_path / "whole")), strip(_log(tmp_path / "split"))

@@ -74,13 +74,13 @@ def vclr_loss(outputs: Mapping[str, torch.Tensor], weights: Mapping[str, float] 
         "segment": lambda: segment_loss(outputs, temperatures["segment"]),
         "order": lambda: order_loss(outputs),
     }
+    values = {term: compute[term]() for term in LOSS_TERMS if weights[term]}
+    # One host sync for the check (not one per term): on a GPU each sync stalls the step's launches.
+    if values and not torch.isfinite(torch.stack([value.detach().float() for value in values.values()])).all():
+        term, value = next((term, value) for term, value in values.items() if not torch.isfinite(value))
+        raise VclrError(f"loss term {term!r} is not finite ({value.item()})")
     total, terms = None, {}
-    for term in LOSS_TERMS:
-        if not weights[term]:
-            continue
-        value = compute[term]()
-        if not torch.isfinite(value).item():
-            raise VclrError(f"loss term {term!r} is not finite ({value.item()})")
+    for term, value in values.items():
         terms[term] = value.detach()
         total = weights[term] * value if total is None else total + weights[term] * value
     if total is None:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vclr.data.device_prefetch import DevicePrefetcher
 from vclr.data.packed import PackedFrames
 from vclr.data.pretrain_dataset import (
     PretrainDataset,
@@ -81,7 +82,7 @@ DEFAULT_SETTINGS = {
     "crop": 224, "segments": 3, "temperature": 0.1, "losses": list(LOSS_TERMS), "seed": 0, "workers": 4,
     "checkpoint_every": 10, "init": "random", "bf16": False, "channels_last": False, "compile": False,
     "deterministic": False, "max_steps": None, "device": "auto", "augment": "cpu",
-    "clip_frames": None, "clip_stride": None,
+    "clip_frames": None, "clip_stride": None, "prefetch": 1,
 }
 # clip_frames / clip_stride: the segment clip of a 3D backbone (None there: DEFAULT_CLIP_FRAMES /
 # DEFAULT_CLIP_STRIDE of vclr.models.video3d); a 2D backbone samples frames, refuses them and its
@@ -90,8 +91,11 @@ DEFAULT_SETTINGS = {
 # (vclr.data.augment); "batched" = workers read JPEG bytes only, the training device decodes and
 # augments whole batches (vclr.data.batch_augment).
 AUGMENT_MODES = ("cpu", "batched")
+# prefetch: batches prepared (moved to the device; decoded and augmented with augment: batched) ahead
+# of the step in a background thread, on a side CUDA stream on a GPU (vclr.data.device_prefetch);
+# 0 prepares each batch between steps. The batches are the same either way.
 # Settings that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"workers", "checkpoint_every", "max_steps", "compile", "epochs"}
+RESUMABLE_CHANGES = {"workers", "checkpoint_every", "max_steps", "compile", "epochs", "prefetch"}
 CHECKPOINT_NAME = "checkpoint_last.pt"
 
 
@@ -112,6 +116,8 @@ def resolve_settings(settings: dict) -> dict:
     for key in ("epochs", "batch_size", "queue_size", "crop", "checkpoint_every"):
         if int(resolved[key]) <= 0:
             raise VclrError(f"{key} must be positive, got {resolved[key]}")
+    if int(resolved["prefetch"]) < 0:
+        raise VclrError(f"prefetch must be 0 (off) or a number of batches, got {resolved['prefetch']}")
     if resolved["queue_size"] % resolved["batch_size"]:
         raise VclrError(f"queue_size {resolved['queue_size']} is not a multiple of the global batch "
                         f"{resolved['batch_size']} (the FIFO queue is filled one batch of keys at a time)")
@@ -268,60 +274,66 @@ def _pretrain(settings: dict, index_csv: str | os.PathLike, frames_dir: str | os
     first_loss = last_loss = None
     started, steps_this_run = time.perf_counter(), 0
     stopped = False
+    if batched:
+        prepare = functools.partial(decode_and_augment, device=device, crop_size=settings["crop"],
+                                    num_segments=settings["segments"], channels_last=settings["channels_last"],
+                                    dtype=torch.bfloat16 if settings["bf16"] else torch.float32,
+                                    clip_frames=settings.get("clip_frames"))
+    else:
+        def prepare(batch: dict) -> dict:
+            return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     while epoch < epochs and not stopped:
         # This process's share of the global batches a resumed run has not consumed yet.
         loader = epoch_loader(dataset, epoch=epoch, seed=settings["seed"], batch_size=batch_size,
                               world_size=processes, rank=rank(), start_iteration=iteration,
                               workers=settings["workers"], generator=loader_generator,
                               pin_memory=device.type == "cuda", collate_fn=collate_jpeg_batch if batched else None)
-        progress = tqdm(loader, total=iters_per_epoch, initial=iteration, desc=f"epoch {epoch}",
+        batches = DevicePrefetcher(loader, prepare, device, depth=int(settings["prefetch"]))
+        progress = tqdm(batches, total=iters_per_epoch, initial=iteration, desc=f"epoch {epoch}",
                         leave=False, disable=True if not is_writer else None)
-        tick = time.perf_counter()
-        for batch in progress:
-            lr = lr_at(epoch * iters_per_epoch + iteration, iters_per_epoch, epochs, peak_lr,
-                       settings["warmup_epochs"], settings["eta_min"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if batched:
-                batch = decode_and_augment(batch, device, crop_size=settings["crop"],
-                                           num_segments=settings["segments"], channels_last=settings["channels_last"],
-                                           dtype=torch.bfloat16 if settings["bf16"] else torch.float32,
-                                           clip_frames=settings.get("clip_frames"))
-            else:
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
-                outputs = forward(batch, shuffle_fn=shuffle, unshuffle_fn=unshuffle_across_ranks)
-            try:
-                total, terms = vclr_loss(outputs, weights, settings["temperature"])
-            except VclrError as error:
-                raise VclrError(f"step {step + 1} (epoch {epoch}, iteration {iteration}): {error}; "
-                                f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}"
-                                ) from None
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            vclr.momentum_update(settings["alpha"])
-            vclr.enqueue(outputs, gather_fn=gather)
-            # Logged: the global loss (the mean of the per-process means; equal shares per process).
-            terms = {term: mean_across_ranks(value) for term, value in terms.items()}
-            total = mean_across_ranks(total)
-            step, iteration = step + 1, iteration + 1
-            steps_this_run += 1
-            now = time.perf_counter()
-            record = {"step": step, "epoch": epoch, "iteration": iteration, "lr": lr,
-                      **{term: value.item() for term, value in terms.items()}, "total": total.item(),
-                      "videos_per_s": batch_size / max(now - tick, 1e-9)}
-            tick = now
-            first_loss = record["total"] if first_loss is None else first_loss
-            last_loss = record["total"]
-            if is_writer:
-                with open(log_path, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            progress.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lr:.2e}")
-            if settings["max_steps"] is not None and step >= settings["max_steps"]:
-                stopped = True
-                break
-        progress.close()
+        try:
+            tick = time.perf_counter()
+            for batch in progress:
+                lr = lr_at(epoch * iters_per_epoch + iteration, iters_per_epoch, epochs, peak_lr,
+                           settings["warmup_epochs"], settings["eta_min"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
+                    outputs = forward(batch, shuffle_fn=shuffle, unshuffle_fn=unshuffle_across_ranks)
+                try:
+                    total, terms = vclr_loss(outputs, weights, settings["temperature"])
+                except VclrError as error:
+                    raise VclrError(f"step {step + 1} (epoch {epoch}, iteration {iteration}): {error}; "
+                                    f"last good checkpoint: {checkpoint_path if checkpoint_path.exists() else 'none'}"
+                                    ) from None
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                vclr.momentum_update(settings["alpha"])
+                vclr.enqueue(outputs, gather_fn=gather)
+                # Logged: the global loss (the mean of the per-process means; equal shares per process).
+                terms = {term: mean_across_ranks(value) for term, value in terms.items()}
+                total = mean_across_ranks(total)
+                step, iteration = step + 1, iteration + 1
+                steps_this_run += 1
+                logged = torch.stack([*terms.values(), total.detach()]).float().tolist()  # one host sync
+                now = time.perf_counter()
+                record = {"step": step, "epoch": epoch, "iteration": iteration, "lr": lr,
+                          **dict(zip(terms, logged)), "total": logged[-1],
+                          "videos_per_s": batch_size / max(now - tick, 1e-9)}
+                tick = now
+                first_loss = record["total"] if first_loss is None else first_loss
+                last_loss = record["total"]
+                if is_writer:
+                    with open(log_path, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                progress.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lr:.2e}")
+                if settings["max_steps"] is not None and step >= settings["max_steps"]:
+                    stopped = True
+                    break
+        finally:  # also when a step fails: stop the thread and the loader's workers
+            progress.close()
+            batches.close()
         if iteration >= iters_per_epoch:
             epoch, iteration = epoch + 1, 0
         if (stopped or epoch % settings["checkpoint_every"] == 0 or epoch == epochs) and is_writer:
@@ -377,6 +389,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--augment", default="cpu", choices=AUGMENT_MODES,
                         help="cpu: per frame in the loader workers; batched: decode + augment whole batches "
                              "on the training device")
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="batches prepared ahead in a background thread (side CUDA stream on a GPU); 0: off")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
@@ -395,6 +409,7 @@ def main(args: argparse.Namespace) -> int:
         "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile,
         "deterministic": args.deterministic, "max_steps": args.max_steps, "device": args.device,
         "augment": args.augment, "clip_frames": args.clip_frames, "clip_stride": args.clip_stride,
+        "prefetch": args.prefetch,
     }
     summary = pretrain(settings, args.index, args.frames, args.out, resume=not args.no_resume)
     if distributed_env()[0] != 0:  # one report per run, from the process that wrote the outputs
