@@ -16,7 +16,7 @@ def test_bench_pretrain_writes_results(tmp_path):
     out = tmp_path / "bench.json"
     assert cli.main([*TINY, "--modes", "fp32_eager,bf16_channels_last", "--loop-mode", "fp32_eager",
                      "--loop-steps", "1", "--loop-workers", "0", "--loop-augment", "batched",
-                     "--out-json", str(out)]) == 0
+                     "--loop-prefetch", "0,2", "--out-json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["torch_threads"] >= 1
     assert result["shapes"] == {"backbone": "resnet_tiny", "batch": 4, "crop": 32, "segments": 3,
@@ -25,11 +25,14 @@ def test_bench_pretrain_writes_results(tmp_path):
     for entry in result["synthetic"].values():
         assert len(entry["rounds"]) == 1 and entry["videos_per_s"] > 0 and entry["first_step_s"] > 0
     assert result["synthetic"]["fp32_eager"]["ratio_to_fp32_eager"] == 1.0
-    loop = result["loop"]
-    assert loop["mode"] == "fp32_eager" and loop["augment"] == "batched"
-    assert loop["steps_timed"] == 1 and loop["videos_per_s"] > 0
-    assert loop["steps_logged"] == 2  # the epoch's first step (loader start-up) is run but not timed
-    assert loop["fraction_of_synthetic"] == loop["videos_per_s"] / result["synthetic"]["fp32_eager"]["videos_per_s"]
+    assert [loop["prefetch"] for loop in result["loops"]] == [0, 2]
+    for loop in result["loops"]:
+        assert loop["mode"] == "fp32_eager" and loop["augment"] == "batched"
+        assert loop["steps_timed"] == 1 and loop["videos_per_s"] > 0
+        assert loop["steps_logged"] == 2  # the epoch's first step (loader start-up) is run but not timed
+        assert loop["fraction_of_synthetic"] == loop["videos_per_s"] / result["synthetic"]["fp32_eager"]["videos_per_s"]
+    # the same batches either way: the same loss after the same steps
+    assert result["loops"][0]["last_loss"] == result["loops"][1]["last_loss"]
 
 
 def test_bench_pretrain_rejects_bad_shapes(tmp_path, capsys):
@@ -39,6 +42,8 @@ def test_bench_pretrain_rejects_bad_shapes(tmp_path, capsys):
     assert "--queue-size 18 is not a multiple of --batch 4" in capsys.readouterr().err
     assert cli.main([*TINY, "--modes", "fp16", "--out-json", str(out)]) == 2
     assert "--modes" in capsys.readouterr().err and not out.exists()
+    assert cli.main([*TINY, "--loop-prefetch", "1,x", "--out-json", str(out)]) == 2
+    assert "--loop-prefetch '1,x'" in capsys.readouterr().err and not out.exists()
 
 
 def test_step_settings_match_the_training_loop():

@@ -158,32 +158,24 @@ def bench_synthetic(modes: list[str], shapes: dict, device: torch.device, rounds
     return results, remeasure
 
 
-def make_packed_dataset(work: Path, videos: int, crop: int, workers: int, seed: int = 0,
-                        frames: int = 32) -> tuple[Path, Path]:
-    """(index CSV, frames dir) of `videos` synthetic UCF101-layout clips, made by the real tools.
-
-    Generated small (128x96, 32 frames by default: cheap to render), extracted to the short side the
-    paper's frames have relative to the crop (256 for 224) so JPEG decoding and cropping cost what they will.
+def make_packed_dataset(work: Path, videos: int, crop: int, seed: int = 0, frames: int = 32) -> tuple[Path, Path]:
+    """(index CSV, frames dir) of `videos` videos of packed JPEG frames (vclr.bench.features'
+    write_packed_videos: torch, torchvision, numpy and PIL only, so it runs on a GPU machine without
+    PyAV), `frames` frames each at the size the paper's frames have relative to the crop (short
+    side 256 for 224, 340x256), so JPEG decoding and cropping cost what they will.
     """
-    from vclr.data.extract import ExtractSettings, run_extract
-    from vclr.data.index import build_index
-    from vclr.data.synthetic import generate_dataset
+    from vclr.bench.features import write_packed_videos
+    from vclr.data.index import write_split
 
-    classes = 10
-    per_class = math.ceil(videos / classes)
-    raw, frames_dir, index_dir = work / "raw", work / "frames", work / "index"
-    generate_dataset("ucf101", raw, seed, classes=classes, train_per_class=per_class, test_per_class=1,
-                     frames=frames)
     short_side = 2 * math.ceil(crop * 256 / 224 / 2)
-    settings = ExtractSettings(fps=None, short_side=short_side, size=None, num_frames=None, quality=90,
-                               shards=4)
-    run_extract("ucf101", raw / "videos", frames_dir, settings, workers=workers, progress=False)
-    build_index("ucf101", raw / "annotations", frames_dir, None, index_dir)
-    return index_dir / "train.csv", frames_dir
+    size = (short_side, 2 * math.ceil(short_side * 340 / 256 / 2))
+    frames_dir, index_csv = work / "frames", work / "train.csv"
+    write_split(index_csv, write_packed_videos(frames_dir, videos, frames, size, seed=seed))
+    return index_csv, frames_dir
 
 
 def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, frames_dir: Path, out_dir: Path,
-               steps: int, warmup: int, workers: int, seed: int = 0, augment: str = "cpu") -> dict:
+               steps: int, warmup: int, workers: int, seed: int = 0, augment: str = "cpu", prefetch: int = 1) -> dict:
     """videos/s of `pretrain(...)` over `steps` steps after `warmup`, from its per-step log.
 
     The first step of every epoch (DataLoader and worker start-up) and the first `warmup` steps
@@ -207,7 +199,7 @@ def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, f
                 "segments": shapes["segments"], "queue_size": shapes["queue_size"], "epochs": epochs,
                 "workers": workers, "checkpoint_every": epochs, "bf16": bf16, "channels_last": channels_last,
                 "compile": compile_backbones, "device": device.type, "seed": seed,
-                "max_steps": total_steps, "augment": augment,
+                "max_steps": total_steps, "augment": augment, "prefetch": prefetch,
                 **{key: shapes[key] for key in ("clip_frames", "clip_stride") if key in shapes}}
     started = time.perf_counter()
     summary = pretrain(settings, index_csv, frames_dir, out_dir, resume=False)
@@ -218,7 +210,7 @@ def bench_loop(mode: str, shapes: dict, device: torch.device, index_csv: Path, f
     if not kept:
         raise VclrError(f"{out_dir / 'log.jsonl'}: no step left to time after start-up")
     seconds = sum(shapes["batch"] / record["videos_per_s"] for record in kept)
-    return {"mode": mode, "augment": augment, "videos": videos, "iterations_per_epoch": iterations_per_epoch,
+    return {"mode": mode, "augment": augment, "prefetch": prefetch, "videos": videos, "iterations_per_epoch": iterations_per_epoch,
             "workers": workers, "steps_logged": len(log), "steps_timed": len(kept),
             "videos_per_s": len(kept) * shapes["batch"] / seconds,
             "per_step_videos_per_s": [record["videos_per_s"] for record in kept],
@@ -250,6 +242,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-workers", type=int, help="DataLoader workers (default: cores, at most 16)")
     parser.add_argument("--loop-augment", default="cpu", choices=("cpu", "batched"),
                         help="real loop's augmentation: per frame in the workers, or batched on the device")
+    parser.add_argument("--loop-prefetch", default="1",
+                        help="comma-separated prefetch depths, one real-loop run each in this order (0: prepare "
+                             "batches between steps; N: N batches ahead on a side stream), e.g. 0,1,0,1")
     parser.add_argument("--frames", type=Path, help="packed-frames directory for the real loop (default: generate)")
     parser.add_argument("--index", type=Path, help="split CSV for the real loop (with --frames)")
     parser.add_argument("--out-json", type=Path, help="write the results here")
@@ -291,6 +286,12 @@ def main(args: argparse.Namespace) -> int:
         raise VclrError("--frames and --index: give both or neither")
     if args.loop_mode not in ("best", "none", *modes):
         raise VclrError(f"--loop-mode {args.loop_mode!r}: expected best, none or one of --modes ({', '.join(modes)})")
+    try:
+        prefetch_depths = [int(depth) for depth in args.loop_prefetch.split(",") if depth.strip()]
+    except ValueError:
+        raise VclrError(f"--loop-prefetch {args.loop_prefetch!r}: expected comma-separated integers") from None
+    if not prefetch_depths or min(prefetch_depths) < 0:
+        raise VclrError(f"--loop-prefetch {args.loop_prefetch!r}: expected depths >= 0")
     on_cuda = device.type == "cuda"
     steps = args.steps or (10 if on_cuda else 3)
     loop_steps = args.loop_steps or (20 if on_cuda else 4)
@@ -308,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d"), "device": str(device), "device_name": where,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": platform.machine(), "processor": platform.processor(), "shapes": shapes,
-        "rounds": args.rounds, "steps_per_round": steps, "synthetic": synthetic, "loop": None,
+        "rounds": args.rounds, "steps_per_round": steps, "synthetic": synthetic, "loops": [],
     }
     for mode in modes:
         entry = synthetic[mode]
@@ -325,26 +326,28 @@ def main(args: argparse.Namespace) -> int:
             work = Path(tmp)
             if args.frames is None:
                 videos = shapes["batch"] * 4
-                print(f"real loop: generating + extracting {videos} synthetic videos ...")
+                print(f"real loop: writing {videos} videos of packed JPEG frames ...")
                 started = time.perf_counter()
                 span = clip_span(shapes.get("clip_frames", 1), shapes.get("clip_stride", 1))
-                index_csv, frames_dir = make_packed_dataset(work, videos, shapes["crop"], workers,
+                index_csv, frames_dir = make_packed_dataset(work, videos, shapes["crop"],
                                                             frames=max(32, shapes["segments"] * span))
                 print(f"  data made in {time.perf_counter() - started:.1f} s")
             else:
                 index_csv, frames_dir = args.index, args.frames
-            print(f"real loop ({loop_mode}, augment {args.loop_augment}, {workers} workers): "
-                  f"{args.warmup} warm-up + {loop_steps} timed steps")
-            loop = bench_loop(loop_mode, shapes, device, index_csv, frames_dir, work / "run", loop_steps,
-                              args.warmup, workers, augment=args.loop_augment)
-        loop["synthetic_videos_per_s_after"] = remeasure(loop_mode)
-        loop["fraction_of_synthetic"] = loop["videos_per_s"] / synthetic[loop_mode]["videos_per_s"]
-        loop["fraction_of_synthetic_after"] = loop["videos_per_s"] / loop["synthetic_videos_per_s_after"]
-        result["loop"] = loop
-        print(f"real loop {loop_mode}: {loop['videos_per_s']:.1f} videos/s over {loop['steps_timed']} steps = "
-              f"{loop['fraction_of_synthetic']:.2f} of the synthetic-tensor median, "
-              f"{loop['fraction_of_synthetic_after']:.2f} of a synthetic round run right after "
-              f"({loop['synthetic_videos_per_s_after']:.1f} videos/s)")
+            for depth in prefetch_depths:
+                print(f"real loop ({loop_mode}, augment {args.loop_augment}, {workers} workers, prefetch {depth}): "
+                      f"{args.warmup} warm-up + {loop_steps} timed steps")
+                loop = bench_loop(loop_mode, shapes, device, index_csv, frames_dir, work / f"run{len(result['loops'])}",
+                                  loop_steps, args.warmup, workers, augment=args.loop_augment, prefetch=depth)
+                # each run against the synthetic median and against a synthetic round right after it
+                loop["synthetic_videos_per_s_after"] = remeasure(loop_mode)
+                loop["fraction_of_synthetic"] = loop["videos_per_s"] / synthetic[loop_mode]["videos_per_s"]
+                loop["fraction_of_synthetic_after"] = loop["videos_per_s"] / loop["synthetic_videos_per_s_after"]
+                result["loops"].append(loop)
+                print(f"real loop {loop_mode}, prefetch {depth}: {loop['videos_per_s']:.1f} videos/s over "
+                      f"{loop['steps_timed']} steps = {loop['fraction_of_synthetic']:.2f} of the synthetic-tensor "
+                      f"median, {loop['fraction_of_synthetic_after']:.2f} of a synthetic round run right after "
+                      f"({loop['synthetic_videos_per_s_after']:.1f} videos/s)")
     if args.out_json:
         atomic_write_json(args.out_json, result)
     return 0
