@@ -25,7 +25,7 @@ CODE = {
         "vclr/train/pretrain.py", "vclr/train/losses.py", "vclr/train/schedule.py",
         "vclr/train/checkpoint.py", "vclr/models/vclr.py", "vclr/models/backbones.py",
         "vclr/data/pretrain_dataset.py", "vclr/data/sampling.py", "vclr/data/augment.py",
-        "vclr/data/batch_augment.py", "vclr/models/video3d.py",
+        "vclr/data/batch_augment.py", "vclr/data/device_prefetch.py", "vclr/models/video3d.py",
     ),
     "features": ("vclr/evaluate/features.py", "vclr/evaluate/feature_files.py", "vclr/data/frames.py", "vclr/data/packed.py",
                  "vclr/data/batch_augment.py", "vclr/models/backbones.py", "vclr/models/video3d.py"),
@@ -52,7 +52,7 @@ CODE = {
 PRETRAIN_FLAGS = (
     "backbone", "epochs", "batch_size", "lr", "warmup_epochs", "queue_size", "crop", "segments",
     "temperature", "alpha", "losses", "workers", "checkpoint_every", "init", "bf16", "channels_last",
-    "compile", "deterministic", "augment", "clip_frames", "clip_stride",
+    "compile", "deterministic", "augment", "clip_frames", "clip_stride", "prefetch",
 )
 # `vclr eval ...` flags each evaluation section of the config may set (evaluate.<section>).
 FEATURES_FLAGS = ("num_frames", "crop", "batch_size", "workers")
