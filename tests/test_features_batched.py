@@ -119,14 +119,17 @@ def test_sliced_eval_crops_are_eval_crops():
     torch.testing.assert_close(ba.eval_crops_sliced(frames, 24, 3)[3], expected, rtol=0, atol=1e-6)
 
 
-def test_loader_workers_decode_the_same_features(tiny_data):
+def test_loader_workers_and_prefetching_give_the_same_features(tiny_data):
     index_csv, frames_dir = tiny_data
     rows, frames = read_split(index_csv), PackedFrames(frames_dir)
     trunk = load_backbone("random", "resnet_tiny", seed=3)
-    alone, _, _ = extract_features(trunk, rows, frames, num_frames=3, crop=32, batch_size=9)
-    workers, ids, _ = extract_features(trunk, rows, frames, num_frames=3, crop=32, batch_size=9, workers=1)
-    assert ids == [f"video{i}" for i in range(8)]
+    alone, _, _ = extract_features(trunk, rows, frames, num_frames=3, crop=32, batch_size=9, prefetch=0)
+    workers, ids, labels = extract_features(trunk, rows, frames, num_frames=3, crop=32, batch_size=9, workers=1)
+    assert ids == [f"video{i}" for i in range(8)] and labels.tolist() == [row.label for row in rows[:8]]
     np.testing.assert_array_equal(workers, alone)
+    ahead, ahead_ids, _ = extract_features(trunk, rows, frames, num_frames=3, crop=32, batch_size=9, prefetch=3)
+    assert ahead_ids == ids
+    np.testing.assert_array_equal(ahead, alone)
 
 
 def test_bytes_batches_decode_after_the_loader_as_in_the_loader(tiny_data):

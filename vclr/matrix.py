@@ -28,7 +28,8 @@ CODE = {
         "vclr/data/batch_augment.py", "vclr/data/device_prefetch.py", "vclr/models/video3d.py",
     ),
     "features": ("vclr/evaluate/features.py", "vclr/evaluate/feature_files.py", "vclr/data/frames.py", "vclr/data/packed.py",
-                 "vclr/data/batch_augment.py", "vclr/models/backbones.py", "vclr/models/video3d.py"),
+                 "vclr/data/batch_augment.py", "vclr/data/device_prefetch.py", "vclr/models/backbones.py",
+                 "vclr/models/video3d.py"),
     # the metrics record is every evaluation's output format
     "retrieval": ("vclr/evaluate/retrieval.py", "vclr/evaluate/feature_files.py", "vclr/evaluate/record.py"),
     "linear_probe": ("vclr/evaluate/linear_probe.py", "vclr/evaluate/feature_files.py", "vclr/evaluate/record.py"),

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from vclr.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from vclr.data.batch_augment import decode_jpegs, eval_crops_sliced
+from vclr.data.device_prefetch import DevicePrefetcher
 from vclr.data.frames import VideoFrameDataset, uniform_frame_indices
 from vclr.data.index import read_split
 from vclr.data.packed import PackedFrames
@@ -152,7 +153,7 @@ def _frame_indices(num_frames: int, clip_frames: int | None, clip_stride: int):
 def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, num_frames: int = 30,
                      crop: int = 224, batch_size: int = 240, device: str | torch.device = "cpu",
                      workers: int = 0, clip_frames: int | None = None, clip_stride: int = 1,
-                     crops: int = 1) -> tuple[np.ndarray, list[str], np.ndarray]:
+                     crops: int = 1, prefetch: int = 1) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(features float32 [N,D], video_ids, labels) for the found rows, in row order.
 
     The GPU input pipeline's decode path: a batch's JPEG bytes (read by `workers` DataLoader processes)
@@ -164,6 +165,8 @@ def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, 
     (uniform_clip_indices), each [3,clip_frames,crop,crop] through the trunk (every crop of a clip cut
     at the same place); batch_size // (num_frames * clip_frames * crops) videos per batch.
     extract_features_per_frame is the per-frame reference it is tested against (same crops).
+    `prefetch` batches are read (and decoded, on CUDA on a side stream) ahead of the forward pass in a
+    background thread (vclr.data.device_prefetch; 0: between passes); the features are the same.
     """
     device = torch.device(device)
     check_clip(clip_frames, clip_stride, "feature extraction")
@@ -179,18 +182,23 @@ def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, 
     loader = DataLoader(dataset, batch_size=max(1, batch_size // (num_frames * per_sample * crops)),
                         num_workers=workers, collate_fn=collate)
     backbone = backbone.to(device).eval()
-    features, video_ids, labels = [], [], []
-    for batch, batch_labels, batch_ids in loader:
-        videos = len(batch_ids)
+
+    def prepare(item: tuple) -> tuple:
+        batch, batch_labels, batch_ids = item
         x = batch if on_cpu else decode_eval_crops(_split_jpegs(*batch), crop, crops, device,
                                                       f"{frames.frames_dir}: videos {', '.join(batch_ids)}")
         if clip_frames is not None:  # [V*n*T*crops,3,c,c] -> [V*n*crops,3,T,c,c]
             x = x.unflatten(0, (-1, clip_frames, crops)).permute(0, 2, 3, 1, 4, 5).flatten(0, 1).contiguous()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            output = backbone(x)
-        features.append(output.float().view(videos, num_frames * crops, -1).mean(1).cpu())
-        video_ids.extend(batch_ids)
-        labels.append(batch_labels)
+        return x, batch_labels, batch_ids
+
+    features, video_ids, labels = [], [], []
+    with DevicePrefetcher(loader, prepare, device, depth=prefetch) as batches:
+        for x, batch_labels, batch_ids in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                output = backbone(x)
+            features.append(output.float().view(len(batch_ids), num_frames * crops, -1).mean(1).cpu())
+            video_ids.extend(batch_ids)
+            labels.append(batch_labels)
     return torch.cat(features).numpy().astype(np.float32), list(video_ids), torch.cat(labels).numpy()
 
 
