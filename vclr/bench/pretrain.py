@@ -6,8 +6,10 @@ momentum update, enqueue. The modes run on the same synthetic tensors, interleav
 (A, B, C, A, B, C, ...) so a noisy machine slows them alike; warm-up (and compilation, reported on
 its own) is excluded. Then the real loop, `pretrain(...)` with data loading from packed frames, is
 timed at the same shapes and reported as a fraction of the synthetic-tensor rate of its mode.
-The synthetic-tensor path imports only torch (and the vclr model code), so it runs on a GPU machine
-without extra packages (a 3D backbone also needs pytorchvideo).
+The synthetic-tensor path imports only torch (and the vclr model code), the real loop adds numpy, PIL
+and tqdm (its packed frames are written with PIL, not PyAV), so both run on a GPU machine without
+extra packages (a 3D backbone also needs pytorchvideo). `--loop-prefetch 0,1` runs the real loop once
+per depth of vclr.data.device_prefetch (0: batches prepared between steps; 1: one ahead, beside the step).
 
 3D backbones (vclr.models.video3d): each segment sample is a clip [3,T,crop,crop] (--clip-frames,
 --clip-stride); the modes are the same, channels_last meaning channels_last_3d for clips.
