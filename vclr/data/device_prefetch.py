@@ -97,13 +97,12 @@ class DevicePrefetcher:
         return False
 
     def _produce(self) -> None:
-        stream = None
-        if self.device.type == "cuda":
-            if self.device.index is not None:  # a new thread starts on cuda:0 (DDP ranks use others)
-                torch.cuda.set_device(self.device)
-            stream = torch.cuda.Stream(self.device)
-        iterator = None
+        stream = iterator = None
         try:
+            if self.device.type == "cuda":
+                if self.device.index is not None:  # a new thread starts on cuda:0 (DDP ranks use others)
+                    torch.cuda.set_device(self.device)
+                stream = torch.cuda.Stream(self.device)
             iterator = iter(self.batches)
             for batch in iterator:
                 if self._stop.is_set():
