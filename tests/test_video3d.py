@@ -421,7 +421,8 @@ def test_bench_pretrain_covers_3d_backbones(tmp_path):
     result = json.loads(out.read_text())
     assert result["shapes"]["backbone"] == "x3d_tiny" and result["shapes"]["clip_frames"] == 4
     assert all(entry["videos_per_s"] > 0 for entry in result["synthetic"].values())
-    assert result["loop"]["steps_timed"] == 1 and result["loop"]["videos_per_s"] > 0
+    (loop,) = result["loops"]
+    assert loop["steps_timed"] == 1 and loop["videos_per_s"] > 0 and loop["prefetch"] == 1
     assert cli.main(["bench", "pretrain", "--device", "cpu", "--backbone", "resnet_tiny", "--clip-frames", "4",
                      "--out-json", str(out)]) == 2
 
