@@ -256,8 +256,9 @@ def test_queue_not_a_multiple_of_the_batch_fails_before_training(tiny_data, tmp_
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("alpha", 1.0, r"alpha must be in \[0, 1\)"), ("temperature", 0.0, "temperature must be positive")])
-def test_momentum_and_temperature_out_of_range_fail_before_training(tiny_data, tmp_path, key, value, message):
+    ("alpha", 1.0, r"alpha must be in \[0, 1\)"), ("temperature", 0.0, "temperature must be positive"),
+    ("prefetch", -1, r"prefetch must be 0 \(off\) or a number of batches, got -1")])
+def test_settings_out_of_range_fail_before_training(tiny_data, tmp_path, key, value, message):
     index_csv, frames_dir = tiny_data
     with pytest.raises(VclrError, match=message):
         pretrain({**SETTINGS, "epochs": 1, key: value}, index_csv, frames_dir, tmp_path / "bad")
