@@ -444,6 +444,12 @@ def decode_jpegs(datas: Sequence[torch.Tensor], device: str | torch.device = "cp
 
     _silence_torchvision_codec_deprecation()
     device = torch.device(device)
+    if device.type == "cuda":
+        # nvJPEG's hardware decoder writes its outputs without waiting for the work queued on the
+        # caller's stream, and the caching allocator may hand it blocks that queued kernels (the last
+        # batch's augmentation) still read (pytorch/vision#9606, meta-pytorch/torchcodec#1634): drain
+        # the stream first. With prefetching this is the side stream, so the step never waits for it.
+        torch.cuda.current_stream(device).synchronize()
     try:
         return decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
     except RuntimeError as error:
