@@ -14,10 +14,10 @@ on synthetic DECODED frames (uint8, so no JPEG decoding and no data files):
 The three alternate round by round. With --frames/--index, or --generate N (N videos of packed JPEG
 frames written here with PIL: no PyAV needed, so it runs on a GPU machine without it), `end_to_end`
 also times the two extraction functions on packed frames, alternating round by round: `batched`
-(extract_features: shard reads, one decode_jpegs per batch - nvjpeg on CUDA -, eval_crops, forward,
-the next batch prepared in a background thread while the forward runs), `batched_no_prefetch` (the
-same with prefetch=0: each batch prepared between forward passes) and `per_frame`
-(extract_features_per_frame: each frame decoded alone, center_crop per video).
+(extract_features with prefetch=1: shard reads, one decode_jpegs per batch - nvjpeg on CUDA -,
+eval_crops, forward, the next batch prepared in a background thread while the forward runs),
+`batched_no_prefetch` (the same with prefetch=0: each batch prepared between forward passes) and
+`per_frame` (extract_features_per_frame: each frame decoded alone, center_crop per video).
 """
 
 from __future__ import annotations
@@ -156,15 +156,17 @@ def time_end_to_end(backbone, rows: list, frames_dir: Path, num_frames: int, cro
                     device: torch.device, workers: int, rounds: int = 1, log=print) -> dict:
     """extract_features (`batched`; `batched_no_prefetch` with prefetch=0) and extract_features_per_frame
     (`per_frame`) on packed JPEG frames, alternating for `rounds` rounds after one untimed warm-up batch
-    each; the top-level videos_per_s is the batched path's median (the one `vclr eval features` runs)."""
+    each; the top-level videos_per_s is the median of the one `vclr eval features` runs on `device`
+    (extract_features' default prefetch: batched on CUDA, batched_no_prefetch on a CPU)."""
     from vclr.data.packed import PackedFrames
-    from vclr.evaluate.features import extract_features, extract_features_per_frame
+    from vclr.evaluate.features import default_prefetch, extract_features, extract_features_per_frame
 
     rows = [row for row in rows if row.status == "found"]
     if not rows:
         raise VclrError(f"{frames_dir}: no found videos to time")
     frames = PackedFrames(frames_dir)
-    paths = {"batched": extract_features, "batched_no_prefetch": functools.partial(extract_features, prefetch=0),
+    paths = {"batched": functools.partial(extract_features, prefetch=1),
+             "batched_no_prefetch": functools.partial(extract_features, prefetch=0),
              "per_frame": extract_features_per_frame}
     warm = rows[: max(1, batch_size // num_frames)]
     for extract in paths.values():
@@ -184,9 +186,10 @@ def time_end_to_end(backbone, rows: list, frames_dir: Path, num_frames: int, cro
     jpeg_bytes = statistics.mean(len(frames.read_jpeg(first, i)) for i in range(frames.num_frames(first)))
     result = {name: {"videos_per_s": len(features) / statistics.median(values),
                      "rounds": [len(features) / value for value in values]} for name, values in seconds.items()}
-    return {"videos": len(features), "seconds": statistics.median(seconds["batched"]),
-            "videos_per_s": result["batched"]["videos_per_s"], **result,
-            "speedup": result["batched"]["videos_per_s"] / result["per_frame"]["videos_per_s"],
+    default = "batched" if default_prefetch(device) else "batched_no_prefetch"
+    return {"videos": len(features), "seconds": statistics.median(seconds[default]), "default_path": default,
+            "videos_per_s": result[default]["videos_per_s"], **result,
+            "speedup": result[default]["videos_per_s"] / result["per_frame"]["videos_per_s"],
             "prefetch_speedup": result["batched"]["videos_per_s"] / result["batched_no_prefetch"]["videos_per_s"],
             "workers": workers, "frame_width_height": list(frames.size(first)), "mean_jpeg_bytes": jpeg_bytes}
 
@@ -285,8 +288,9 @@ def main(args: argparse.Namespace) -> int:
         result["end_to_end"] = e2e
         print(f"end to end (packed JPEGs, {e2e['frame_width_height'][0]}x{e2e['frame_width_height'][1]} WxH, "
               f"{e2e['videos']} videos, median of {args.rounds}): batched {e2e['batched']['videos_per_s']:.2f}, "
-              f"per-frame {e2e['per_frame']['videos_per_s']:.2f} videos/s (x{e2e['speedup']:.2f}); without "
-              f"prefetching {e2e['batched_no_prefetch']['videos_per_s']:.2f} (prefetch x{e2e['prefetch_speedup']:.2f}); batched = "
+              f"without prefetching {e2e['batched_no_prefetch']['videos_per_s']:.2f} (prefetch "
+              f"x{e2e['prefetch_speedup']:.2f}), per-frame {e2e['per_frame']['videos_per_s']:.2f} videos/s; the "
+              f"default on {device.type} ({e2e['default_path']}) x{e2e['speedup']:.2f} the per-frame path, "
               f"{e2e['fraction_of_path']:.2f} of the decoded-frames per-frame path")
     if args.out_json:
         atomic_write_json(args.out_json, result)

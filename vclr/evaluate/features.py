@@ -149,11 +149,18 @@ def _frame_indices(num_frames: int, clip_frames: int | None, clip_stride: int):
     return lambda count, _: uniform_clip_indices(count, num_frames, clip_frames, clip_stride)
 
 
+def default_prefetch(device: torch.device) -> int:
+    """Extraction's prefetch depth: 1 on CUDA, 0 on a CPU, where the loader decodes and the forward
+    computes on the same cores: overlapping them slowed extraction to 0.89-0.94x on an idle 2-core
+    machine (docs/benchmarks.md)."""
+    return 1 if torch.device(device).type == "cuda" else 0
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, num_frames: int = 30,
                      crop: int = 224, batch_size: int = 240, device: str | torch.device = "cpu",
                      workers: int = 0, clip_frames: int | None = None, clip_stride: int = 1,
-                     crops: int = 1, prefetch: int = 1) -> tuple[np.ndarray, list[str], np.ndarray]:
+                     crops: int = 1, prefetch: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(features float32 [N,D], video_ids, labels) for the found rows, in row order.
 
     The GPU input pipeline's decode path: a batch's JPEG bytes (read by `workers` DataLoader processes)
@@ -167,8 +174,11 @@ def extract_features(backbone: nn.Module, rows: Sequence, frames: PackedFrames, 
     extract_features_per_frame is the per-frame reference it is tested against (same crops).
     `prefetch` batches are read (and decoded, on CUDA on a side stream) ahead of the forward pass in a
     background thread (vclr.data.device_prefetch; 0: between passes); the features are the same.
+    None: default_prefetch(device).
     """
     device = torch.device(device)
+    if prefetch is None:
+        prefetch = default_prefetch(device)
     check_clip(clip_frames, clip_stride, "feature extraction")
     if crops not in (1, 3):
         raise VclrError(f"crops must be 1 or 3, got {crops}")
